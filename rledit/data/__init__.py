@@ -1,0 +1,1 @@
+"""Edit records, dialect adapters, the synthetic world, tokenization and edit streams."""

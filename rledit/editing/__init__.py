@@ -1,0 +1,1 @@
+"""Factored updates: their type, functional application, and the ledger of committed updates."""

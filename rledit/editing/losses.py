@@ -1,0 +1,44 @@
+"""Losses and token-level scores on (prompt, target) batches, shared by editors, training and evaluation.
+
+Labels follow the Hugging Face convention (aligned with input_ids, -100 on prompt and padding); the
+logits at position i predict the token at i + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits predicting each next token, those tokens, mask of scored positions)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels, labels != -100
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all target tokens of the batch."""
+    logits, labels, mask = shifted(logits, labels)
+    return F.cross_entropy(logits[mask].float(), labels[mask])
+
+
+def per_row_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of each row's target tokens whose argmax is right (B,)."""
+    logits, labels, mask = shifted(logits, labels)
+    hits = (logits.argmax(-1) == labels) & mask
+    return hits.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
+
+
+def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(p_base || p_edited) averaged over the answer positions of locality prompts."""
+    base, _, mask = shifted(base_logits, labels)
+    edited, _, _ = shifted(edited_logits, labels)
+    base_logp = base[mask].float().log_softmax(-1)
+    edited_logp = edited[mask].float().log_softmax(-1)
+    return F.kl_div(edited_logp, base_logp, log_target=True, reduction="batchmean")
+
+
+def forward_logits(model: nn.Module, batch) -> torch.Tensor:
+    """Logits of `model` on a TokenizedBatch."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
