@@ -1,0 +1,66 @@
+"""Editors driven by a hypernetwork bank: MEND, MALMEN, RLEdit and the training-free editor."""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Mapping
+
+import torch
+
+from rledit.editing.update import FactoredUpdate, ModuleUpdate
+from rledit.editors.base import Editor
+from rledit.editors.hypernet import HyperNetworkBank
+from rledit.models.capture import CapturedFactors
+
+
+class HypernetEditor(Editor):
+    """Transforms captured (K, G) with a per-shape hypernetwork, then aggregates them into an update.
+
+    Step sizes (and ridges) are set on the first batch the editor sees, from the scale of its captured
+    factors: the untrained editor shifts each module's outputs by about `init_shift` times their norm,
+    so it already makes a real edit on the model at hand whatever that model's scale; training refines
+    them.
+    """
+
+    trainable = True
+    net_kind: str
+
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
+                 rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
+                 init_shift: float = 1.0):
+        super().__init__(module_shapes, capture_tokens)
+        self.hparams = {"rank": rank, "n_blocks": n_blocks, "normalize": normalize,
+                        "lifelong_norm": lifelong_norm, "init_shift": init_shift}
+        self.bank = HyperNetworkBank(self.module_shapes, net=self.net_kind, rank=rank, n_blocks=n_blocks,
+                                     normalize=normalize, update_during_edit=lifelong_norm)
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def extra_config(self) -> dict:
+        return dict(self.hparams)
+
+    def update_from_factors(self, factors: Mapping[str, CapturedFactors]) -> FactoredUpdate:
+        update = {}
+        for name, f in factors.items():
+            keys_t, grads_t = self.bank(name, f.keys, f.grads)
+            if not bool(self.calibrated):
+                self._calibrate(name, f, keys_t, grads_t)
+            update[name] = self.aggregate(name, f, keys_t, grads_t)
+        self.calibrated.fill_(True)
+        return update
+
+    @torch.no_grad()
+    def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
+        shift_at_unit_step = self.shift_coefficients(f.keys, keys_t).abs() * grads_t.norm(dim=-1)
+        tiny = torch.finfo(torch.float32).tiny
+        eta = self.hparams["init_shift"] * f.output_norms.median() / shift_at_unit_step.median().clamp(min=tiny)
+        self.bank.set_log_eta(name, math.log(max(float(eta), tiny)))
+
+    @staticmethod
+    def shift_coefficients(keys: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
+        """<k_i, k~_i>: how strongly token i's key meets its transformed key."""
+        return (keys * keys_t).sum(-1)
+
+    @abstractmethod
+    def aggregate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> ModuleUpdate:
+        """Combine the transformed factors of one module into its update."""

@@ -1,0 +1,36 @@
+"""The ridge editors' aggregation (MALMEN, RLEdit, training-free): value shifts solved by ridge least squares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from rledit.editing.update import ModuleUpdate
+from rledit.editors.hypernet_editor import HypernetEditor
+from rledit.editors.ridge_solve import ridge_update
+from rledit.models.capture import CapturedFactors
+
+
+class RidgeEditor(HypernetEditor):
+    """D = diag(c) G~ with c_i = -eta <k_i, k~_i>; the update maps each key k_i to its shift d_i (ridge-regularised)."""
+
+    net_kind = "ridge"
+
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
+                 rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
+                 init_shift: float = 1.0, init_ridge: float = 0.1):
+        super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift)
+        self.hparams["init_ridge"] = init_ridge
+
+    @torch.no_grad()
+    def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
+        """Also set e^lambda to `init_ridge` times the mean squared key norm."""
+        super()._calibrate(name, f, keys_t, grads_t)
+        ridge = self.hparams["init_ridge"] * f.keys.pow(2).sum(-1).mean()
+        self.bank.set_log_lambda(name, math.log(max(float(ridge), torch.finfo(torch.float32).tiny)))
+
+    def aggregate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> ModuleUpdate:
+        coeffs = -self.bank.log_eta(name).exp() * self.shift_coefficients(f.keys, keys_t)
+        return ridge_update(f.keys, coeffs[:, None] * grads_t, self.bank.log_lambda(name).exp())

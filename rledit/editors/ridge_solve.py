@@ -1,0 +1,47 @@
+"""Ridge least squares for value shifts, primal or dual, returned as a factored update.
+
+Find S minimising ||K S - D||^2 + e^lambda ||S||^2 and apply W <- W + S^T. By the push-through identity
+S = (K^T K + e^lambda I)^-1 K^T D = K^T (K K^T + e^lambda I)^-1 D. The dual form solves an N x N system
+and is already factored (P = (K K^T + e^lambda I)^-1 D, Q = K); the primal form solves a d_in x d_in one
+(P = S, Q = I), cheaper once N >= d_in. Both solve in fp32 (fp64 when given fp64) by Cholesky, with jitter if needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rledit.editing.update import ModuleUpdate
+
+
+def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Solve A X = B for symmetric positive definite A, adding diagonal jitter until Cholesky succeeds."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    jitter = 0.0
+    scale = A.diagonal().abs().mean().clamp(min=torch.finfo(A.dtype).tiny)
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(A + jitter * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(B, L)
+        jitter = 1e-6 if jitter == 0.0 else jitter * 10
+    raise torch.linalg.LinAlgError("ridge system is not positive definite even with jitter")
+
+
+def ridge_update(keys: torch.Tensor, value_shifts: torch.Tensor, ridge: torch.Tensor,
+                 form: str = "auto") -> ModuleUpdate:
+    """The factored update S^T for keys K (N x d_in), shifts D (N x d_out) and ridge e^lambda (a scalar).
+
+    form: "dual", "primal" or "auto" (dual when N < d_in).
+    """
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    K, D = keys.to(dtype), value_shifts.to(dtype)
+    n, d_in = K.shape
+    if form == "auto":
+        form = "dual" if n < d_in else "primal"
+    if form == "dual":
+        A = K @ K.T + ridge * torch.eye(n, dtype=K.dtype, device=K.device)
+        return ModuleUpdate(P=_spd_solve(A, D), Q=K)
+    if form == "primal":
+        eye = torch.eye(d_in, dtype=K.dtype, device=K.device)
+        S = _spd_solve(K.T @ K + ridge * eye, K.T @ D)
+        return ModuleUpdate(P=S, Q=eye)
+    raise ValueError(f"ridge form {form!r}: expected 'dual', 'primal' or 'auto'")

@@ -1,0 +1,23 @@
+"""A training-free editor (UltraEdit-style): the ridge path with the identity network and lifelong normalization."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rledit.editors.ridge import RidgeEditor
+
+
+class TrainingFreeEditor(RidgeEditor):
+    """What RLEdit is at initialization: no learned network, step size and ridge fixed after calibration."""
+
+    trainable = False
+
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
+                 normalize: bool = True, lifelong_norm: bool = True, init_shift: float = 1.0,
+                 init_ridge: float = 0.1):
+        super().__init__(module_shapes, capture_tokens, rank=1, n_blocks=0, normalize=normalize,
+                         lifelong_norm=lifelong_norm, init_shift=init_shift, init_ridge=init_ridge)
+        self.requires_grad_(False)
+
+    def extra_config(self) -> dict:
+        return {k: v for k, v in self.hparams.items() if k not in ("rank", "n_blocks")}
