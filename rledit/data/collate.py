@@ -1,0 +1,142 @@
+"""Tokenization of (prompt, target) pairs and collation of edit requests into padded tensors.
+
+A row is `prompt tokens + tokens of " " + target`; only the target tokens carry labels. Labels follow the
+Hugging Face convention (the model shifts them), so the logits at position i predict labels[i + 1]:
+`target_mask` marks those positions, which is where the factor-capture hooks read keys and gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rledit.data.records import EditRecord
+from rledit.errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenizedBatch:
+    """Padded rows (B x T) of prompt + target, with labels on target tokens only."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    target_mask: torch.Tensor
+    """True at positions whose output logits predict a target token (labels[:, i + 1] != -100)."""
+    request_index: torch.Tensor
+    """(B,) which edit request of the batch each row belongs to."""
+
+    def to(self, device: torch.device | str) -> TokenizedBatch:
+        return TokenizedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class EditBatch:
+    """One batch of edit requests, tokenized four ways.
+
+    `edit`: prompt -> target_new; `rephrase`: every rephrase prompt -> target_new; `locality`: every
+    locality prompt -> its answer; `true`: prompt -> target_true, rows only for records that have one.
+    """
+
+    records: list[EditRecord]
+    edit: TokenizedBatch
+    rephrase: TokenizedBatch
+    locality: TokenizedBatch
+    true: TokenizedBatch
+
+    def to(self, device: torch.device | str) -> EditBatch:
+        return EditBatch(records=self.records, edit=self.edit.to(device), rephrase=self.rephrase.to(device),
+                         locality=self.locality.to(device), true=self.true.to(device))
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One row to tokenize, with where it came from (for error messages)."""
+
+    prompt: str
+    target: str
+    request_index: int
+    record_id: str
+    field: str
+
+
+def _edit_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
+    return [_Pair(r.prompt, r.target_new, i, r.record_id, "prompt") for i, r in enumerate(records)]
+
+
+def _rephrase_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
+    return [_Pair(prompt, r.target_new, i, r.record_id, f"rephrase_prompts[{j}]")
+            for i, r in enumerate(records) for j, prompt in enumerate(r.rephrase_prompts)]
+
+
+def _locality_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
+    return [_Pair(pair.prompt, pair.answer, i, r.record_id, f"locality[{j}]")
+            for i, r in enumerate(records) for j, pair in enumerate(r.locality)]
+
+
+def _true_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
+    return [_Pair(r.prompt, r.target_true, i, r.record_id, "target_true")
+            for i, r in enumerate(records) if r.target_true is not None]
+
+
+class EditCollator:
+    """Turns a list of EditRecords into an EditBatch (a callable, so it can serve as a collate_fn)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                 padding_side: Literal["right", "left"] = "right"):
+        if padding_side not in ("right", "left"):
+            raise ConfigError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if tokenizer.pad_token_id is None:
+            raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no pad token; set "
+                              "tokenizer.pad_token (for example to its eos token) before collating")
+        if max_length is not None and max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (a prompt and a target token), got {max_length}")
+        self.tokenizer, self.max_length, self.padding_side = tokenizer, max_length, padding_side
+
+    def __call__(self, records: Sequence[EditRecord]) -> EditBatch:
+        return EditBatch(records=list(records), edit=self._tokenize(_edit_pairs(records)),
+                         rephrase=self._tokenize(_rephrase_pairs(records)),
+                         locality=self._tokenize(_locality_pairs(records)),
+                         true=self._tokenize(_true_pairs(records)))
+
+    def _tokenize(self, pairs: Sequence[_Pair]) -> TokenizedBatch:
+        """Tokenize and pad rows; prompts get the tokenizer's default special tokens, targets none."""
+        if not pairs:
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return TokenizedBatch(empty, empty, empty, empty.bool(), torch.zeros(0, dtype=torch.long))
+        prompt_ids = self.tokenizer([p.prompt for p in pairs])["input_ids"]
+        target_ids = self.tokenizer([" " + p.target for p in pairs], add_special_tokens=False)["input_ids"]
+        for pair, prompt, target in zip(pairs, prompt_ids, target_ids, strict=True):
+            self._check_lengths(pair, len(prompt), len(target))
+
+        length = max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids, strict=True))
+        input_ids = torch.full((len(pairs), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)
+        labels = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)
+        for row, (prompt, target) in enumerate(zip(prompt_ids, target_ids, strict=True)):
+            start = length - len(prompt) - len(target) if self.padding_side == "left" else 0
+            target_start, end = start + len(prompt), start + len(prompt) + len(target)
+            input_ids[row, start:end] = torch.tensor(prompt + target)
+            attention_mask[row, start:end] = 1
+            labels[row, target_start:end] = torch.tensor(target)
+        target_mask = torch.zeros_like(labels, dtype=torch.bool)
+        target_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        request_index = torch.tensor([p.request_index for p in pairs], dtype=torch.long)
+        return TokenizedBatch(input_ids, attention_mask, labels, target_mask, request_index)
+
+    def _check_lengths(self, pair: _Pair, prompt_length: int, target_length: int) -> None:
+        where = f"record {pair.record_id!r}, field '{pair.field}'"
+        if prompt_length == 0:
+            raise DataError(f"{where}: prompt {pair.prompt!r} tokenizes to no tokens, so nothing predicts "
+                            "the first target token")
+        if target_length == 0:
+            raise DataError(f"{where}: target {pair.target!r} tokenizes to no tokens")
+        if self.max_length is not None and prompt_length + target_length > self.max_length:
+            raise DataError(f"{where}: prompt + target are {prompt_length + target_length} tokens, more than "
+                            f"max_length={self.max_length}")

@@ -1,0 +1,142 @@
+"""Load edit records from a local JSON/JSONL file or a Hub dataset, one dialect per source."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+
+from rledit.data.dialects import DIALECTS, adapt_record, detect_dialect, id_field
+from rledit.data.records import EditRecord
+from rledit.errors import ConfigError, DataError
+
+JSON_SUFFIXES = (".json", ".jsonl")
+
+
+class SkippedRecordWarning(UserWarning):
+    """A bad record was left out because loading ran with on_bad_record="skip"."""
+
+
+@dataclass(frozen=True)
+class LoadedRecords:
+    """The records of one source, the dialect they were read as, and how many bad records were skipped."""
+
+    records: list[EditRecord]
+    skipped: int
+    dialect: str
+    source: str
+
+
+def load_records(source: str | Path, *, split: str = "train", dialect: str = "auto", limit: int | None = None,
+                 on_bad_record: Literal["error", "skip"] = "error") -> LoadedRecords:
+    """Load up to `limit` edit records from a .json/.jsonl file, else a Hub dataset id (or dataset folder).
+
+    The dialect is detected once from the first record (unless given) and every record is validated against
+    it. A bad record (or a duplicate record id) raises a DataError, or with on_bad_record="skip" is left out
+    with a SkippedRecordWarning naming it.
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be >= 0 or None, got {limit}")
+    name, rows = _read_rows(source, split)
+    if not rows:
+        raise DataError("no records", source=name)
+    dialect = _resolve_dialect(dialect, rows[0], name)
+
+    records: list[EditRecord] = []
+    first_index_of_id: dict[str, int] = {}
+    skipped = 0
+    for index, raw in enumerate(rows):
+        if limit is not None and len(records) >= limit:
+            break
+        try:
+            record = adapt_record(raw, dialect, source=name, index=index)
+            if record.record_id in first_index_of_id:
+                raise DataError(f"duplicate record id {record.record_id!r}, also used by record "
+                                f"{first_index_of_id[record.record_id]}", source=name, index=index,
+                                field=id_field(raw))
+        except DataError as error:
+            if on_bad_record == "error":
+                raise
+            warnings.warn(f"skipping bad record: {error}", SkippedRecordWarning, stacklevel=2)
+            skipped += 1
+            continue
+        first_index_of_id[record.record_id] = index
+        records.append(record)
+    return LoadedRecords(records=records, skipped=skipped, dialect=dialect, source=name)
+
+
+def _resolve_dialect(dialect: str, first_row: Any, source: str) -> str:
+    if dialect == "auto":
+        return detect_dialect(first_row, source=source, index=0)
+    if dialect not in DIALECTS:
+        raise DataError(f"unknown dialect {dialect!r}; known dialects: {', '.join(DIALECTS)}", source=source)
+    return dialect
+
+
+def _read_rows(source: str | Path, split: str) -> tuple[str, list[Any]]:
+    """The raw rows of a source and the name errors should use for it."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in JSON_SUFFIXES:
+            raise DataError(f"unsupported file type {path.suffix!r}; expected one of "
+                            f"{', '.join(JSON_SUFFIXES)}", source=str(path))
+        return str(path), _read_local_json(path, split)
+    if path.suffix in JSON_SUFFIXES:
+        raise DataError("file not found", source=str(path))
+    return str(source), _read_hub(str(source), split)
+
+
+def _read_local_json(path: Path, split: str) -> list[Any]:
+    try:
+        # on_mixed_types=None: a field whose JSON type differs between records must fail type inference
+        # rather than become datasets' catch-all Json column, which turns strings such as "1987" into numbers
+        dataset = datasets.load_dataset("json", data_files={split: str(path)}, split=split,
+                                        on_mixed_types=None)
+    except Exception:  # noqa: BLE001 - arrow refuses mistyped records, non-object rows, empty files
+        # the json module then either reads the rows (and validation names the bad record and field)
+        # or says exactly where the file is not JSON
+        return _parse_json(path)
+    return dataset.to_list()
+
+
+def _read_hub(source: str, split: str) -> list[Any]:
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many types (not found, offline, bad split...)
+        raise DataError(f"cannot load dataset (split {split!r}): {error}", source=source) from error
+    return dataset.to_list()
+
+
+def _parse_json(path: Path) -> list[Any]:
+    """Rows of a JSON array, a single JSON object, or JSON Lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read: {error}", source=str(path)) from error
+    if not text.strip():
+        raise DataError("empty file", source=str(path))
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):
+            raise DataError(f"invalid JSON: {error}", source=str(path)) from error
+        return _parse_json_lines(text, str(path))
+    return document if isinstance(document, list) else [document]
+
+
+def _parse_json_lines(text: str, source: str) -> list[Any]:
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"invalid JSON on line {line_number}: {error}", source=source,
+                                index=len(rows)) from error
+    return rows
