@@ -31,5 +31,9 @@ class ConfigError(RleditError, ValueError):
     """A configuration option has a value rledit cannot use."""
 
 
+class KernelInputError(RleditError, ValueError):
+    """A tensor given to the fused low-rank update has the wrong shape, dtype, device or layout."""
+
+
 class EditRefusedError(RleditError, RuntimeError):
     """An update was refused (non-finite or malformed); the model was left exactly as it was."""

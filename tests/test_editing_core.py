@@ -218,7 +218,7 @@ def test_ledger_export_import_round_trip(tiny_llama, tmp_path):
     model, editable = tiny_llama
     batch = Batch(50, seed=7)
     before = forward_logits(model, batch)
-    weights = lambda: {n: em.weight_view() for n, em in editable.items()}  # noqa: E731
+    weights = lambda: {n: em.weight_view() for n, em in editable.items()}
     ledger = UpdateLedger(weights())
     for seed in range(3):
         ledger.commit(random_update(editable, seed=seed))

@@ -51,7 +51,7 @@ class ModuleUpdate:
         return all(bool(torch.isfinite(t).all()) for t in tensors) and bool(
             torch.isfinite(torch.tensor(self.alpha)))
 
-    def detach(self) -> "ModuleUpdate":
+    def detach(self) -> ModuleUpdate:
         return ModuleUpdate(self.P.detach(), self.Q.detach(),
                             None if self.scale is None else self.scale.detach(), float(self.alpha),
                             self.row_mask)
