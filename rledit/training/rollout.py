@@ -1,0 +1,146 @@
+"""Policy-gradient rollout of one edit sequence (RLEdit), with the one-step objective as its T=1, k=1 case.
+
+At step t the editor sees the committed weights W_{t-1} and batch E_t and acts with dW_t. The reward is
+r_t = -[ sum_{j<k} mu^j (L_gen(E_{t-j}; W_{t-1}+dW_t) + c_loc L_loc(E_{t-j}; W_{t-1}, W_{t-1}+dW_t))
+        + eta ||dW_t||_F^2 ],
+and the editor maximizes sum_t gamma^t r_t. Earlier weights are state: each dW_t is committed (detached)
+before the next step, and the original weights are restored at the end.
+
+Memory stays flat in k through a two-stage backward: the factors of dW_t are copied into leaves, every
+LLM loss is back-propagated into those leaves one at a time (each graph freed at once), and the
+accumulated leaf gradients go through the hypernetwork once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rledit.data.collate import EditBatch
+from rledit.editing.functional import functional_update
+from rledit.editing.ledger import UpdateLedger
+from rledit.editing.losses import forward_logits, locality_kl, target_nll
+from rledit.editing.update import FactoredUpdate, ModuleUpdate
+from rledit.editors.base import Editor
+from rledit.errors import ConfigError
+
+GEN_PROMPTS = ("edit", "rephrase")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Weights of the sequence-level reward (DESIGN section 2)."""
+
+    back_depth: int = 10          # k: how many recent batches each step's reward looks back at
+    decay: float = 0.95           # mu: weight of the batch j steps back
+    discount: float = 1.0         # gamma: weight of step t in the return
+    locality_weight: float = 1.0  # c_loc
+    norm_penalty: float = 0.0     # eta in front of ||dW_t||_F^2 (a real gradient, through the factors)
+    gen_prompts: tuple[str, ...] = GEN_PROMPTS
+
+    def __post_init__(self):
+        if self.back_depth < 1 or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
+            raise ConfigError(f"objective: back_depth={self.back_depth} must be >= 1, decay={self.decay} and "
+                              f"discount={self.discount} in (0, 1]")
+        unknown = set(self.gen_prompts) - set(GEN_PROMPTS)
+        if unknown or not self.gen_prompts:
+            raise ConfigError(f"objective: gen_prompts={list(self.gen_prompts)}: choose from {list(GEN_PROMPTS)}")
+
+
+@dataclass
+class RolloutStats:
+    """What one sequence did: mean losses, the return (normalised by T), mean update norms, non-finite flag."""
+
+    gen_loss: float = 0.0
+    loc_loss: float = 0.0
+    norm_sq: float = 0.0
+    ret: float = 0.0
+    finite: bool = True
+    update_norms: dict[str, float] = field(default_factory=dict)
+
+
+def _leaves(update: FactoredUpdate) -> FactoredUpdate:
+    """Detached copies of the factors that carry gradient, made leaves that collect dLoss/dfactor."""
+    def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+    return {name: ModuleUpdate(leaf(u.P), leaf(u.Q), leaf(u.scale), u.alpha, u.row_mask) for name, u in update.items()}
+
+
+def _through_editor(update: FactoredUpdate, leaves: FactoredUpdate) -> None:
+    """Second stage: push the leaves' accumulated gradients through the editor's graph once."""
+    outputs, grads = [], []
+    for name, u in update.items():
+        for out, leaf in ((u.P, leaves[name].P), (u.Q, leaves[name].Q), (u.scale, leaves[name].scale)):
+            if out is not None and out.requires_grad and leaf.grad is not None:
+                outputs.append(out)
+                grads.append(leaf.grad)
+    if outputs:
+        torch.autograd.backward(outputs, grads)
+
+
+def _gen_batches(batch: EditBatch, gen_prompts: Sequence[str]):
+    return [getattr(batch, which) for which in gen_prompts if getattr(batch, which).input_ids.shape[0] > 0]
+
+
+def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], ledger: UpdateLedger,
+            steps: Sequence[EditBatch], objective: Objective,
+            on_step: Callable[[int], None] | None = None) -> RolloutStats:
+    """Roll `steps` forward with the current editor, accumulating gradients into its parameters.
+
+    The ledger must be empty at the start; it is empty again (weights restored) at the end, also on error.
+    `on_step(t)` is called after each step's gradients are accumulated (for optimizer steps every m steps).
+    """
+    if len(ledger):
+        raise RuntimeError("rollout needs the original weights: the ledger already holds commits")
+    stats = RolloutStats()
+    n_gen = n_loc = 0
+    try:
+        for t, batch in enumerate(steps):
+            update = editor.predict_update(model, modules, batch.edit)
+            leaves = _leaves(update)
+            weight = objective.discount ** t / len(steps)
+
+            for j in range(min(objective.back_depth, t + 1)):
+                past = steps[t - j]
+                w = weight * objective.decay ** j
+                for gen_batch in _gen_batches(past, objective.gen_prompts):
+                    with functional_update(modules, leaves):
+                        loss = target_nll(forward_logits(model, gen_batch), gen_batch.labels)
+                    stats.finite &= bool(torch.isfinite(loss))
+                    (w * loss).backward()
+                    stats.gen_loss += loss.item()
+                    stats.ret -= w * loss.item()
+                    n_gen += 1
+                if objective.locality_weight > 0 and past.locality.input_ids.shape[0] > 0:
+                    with torch.no_grad():
+                        base = forward_logits(model, past.locality)
+                    with functional_update(modules, leaves):
+                        loss = locality_kl(base, forward_logits(model, past.locality), past.locality.labels)
+                    stats.finite &= bool(torch.isfinite(loss))
+                    (w * objective.locality_weight * loss).backward()
+                    stats.loc_loss += loss.item()
+                    stats.ret -= w * objective.locality_weight * loss.item()
+                    n_loc += 1
+
+            norm_sq = sum(u.frobenius_sq() for u in leaves.values())
+            if objective.norm_penalty > 0:
+                (weight * objective.norm_penalty * norm_sq).backward()
+            stats.norm_sq += float(norm_sq.detach()) / len(steps)
+            stats.ret -= float(norm_sq.detach()) * objective.norm_penalty * weight
+            _through_editor(update, leaves)
+            for name, u in leaves.items():
+                norm = math.sqrt(float(u.detach().frobenius_sq()))
+                stats.update_norms[name] = stats.update_norms.get(name, 0.0) + norm / len(steps)
+            ledger.commit({name: u.detach() for name, u in update.items()})
+            if on_step is not None:
+                on_step(t)
+    finally:
+        ledger.revert()
+    stats.gen_loss /= max(n_gen, 1)
+    stats.loc_loss /= max(n_loc, 1)
+    return stats
