@@ -6,6 +6,7 @@ file, record index and field of anything wrong, so adapters stay one readable li
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ _ID_FIELDS = ("case_id", "id")
 
 
 def _shown(value: Any) -> str:
-    """A value's type and (shortened) repr, for error messages."""
-    text = repr(value)
+    """A value's type and (shortened) repr, for error messages; reprlib stays shallow, so a huge or deeply
+    nested value cannot make the message itself fail or take long."""
+    text = reprlib.repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,11 @@ from rledit.data.records import EditRecord
 from rledit.errors import ConfigError, DataError
 
 JSON_SUFFIXES = (".json", ".jsonl")
+# Edit records are objects nested a few levels deep; see _arrow_can_read for why that is checked up front.
+MAX_ARROW_NESTING = 64
+_FIRST_ROW_IS_OBJECT = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:\[\s*)?\{")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 class SkippedRecordWarning(UserWarning):
@@ -93,6 +100,8 @@ def _read_rows(source: str | Path, split: str) -> tuple[str, list[Any]]:
 
 
 def _read_local_json(path: Path, split: str) -> list[Any]:
+    if not _arrow_can_read(path):
+        return _parse_json(path)
     try:
         # on_mixed_types=None: a field whose JSON type differs between records must fail type inference
         # rather than become datasets' catch-all Json column, which turns strings such as "1987" into numbers
@@ -103,6 +112,22 @@ def _read_local_json(path: Path, split: str) -> list[Any]:
         # or says exactly where the file is not JSON
         return _parse_json(path)
     return dataset.to_list()
+
+
+def _arrow_can_read(path: Path) -> bool:
+    """Whether the file may go to pyarrow's JSON reader, which kills the process (a segfault, not an
+    exception) when the first row is `null` and when brackets nest some thousands deep. A file whose first
+    row is not an object, or that nests deeper than any edit record, is left to the json module, which
+    reports it cleanly."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if not _FIRST_ROW_IS_OBJECT.match(data):
+        return False
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    depth = max(itertools.accumulate(1 if bracket in b"[{" else -1 for bracket in brackets), default=0)
+    return depth <= MAX_ARROW_NESTING
 
 
 def _read_hub(source: str, split: str) -> list[Any]:
@@ -127,6 +152,8 @@ def _parse_json(path: Path) -> list[Any]:
         if text.lstrip().startswith("["):
             raise DataError(f"invalid JSON: {error}", source=str(path)) from error
         return _parse_json_lines(text, str(path))
+    except (ValueError, RecursionError) as error:  # an integer too long to convert, nesting too deep
+        raise DataError(f"unreadable JSON: {error}", source=str(path)) from error
     return document if isinstance(document, list) else [document]
 
 
@@ -136,7 +163,7 @@ def _parse_json_lines(text: str, source: str) -> list[Any]:
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
+            except (ValueError, RecursionError) as error:  # not JSON, or too deep or long to decode
                 raise DataError(f"invalid JSON on line {line_number}: {error}", source=source,
                                 index=len(rows)) from error
     return rows

@@ -18,7 +18,9 @@ from transformers.pytorch_utils import Conv1D
 
 from rledit.errors import LayerSpecError
 
-RANGE = re.compile(r"(\d+)-(\d+)")
+RANGE = re.compile(r"([0-9]+)-([0-9]+)")  # ASCII digits only: int() would also read other scripts' digits
+MAX_NAMES = 100_000  # far beyond any model's module count: more is a typo that would exhaust memory
+MAX_BOUND_DIGITS = 9  # longer range bounds are typos too (and int() refuses bounds over 4,300 digits)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,10 @@ def expand_layer_spec(spec: str) -> list[str]:
     """All module names a spec denotes, in the order written (first group varies slowest), without repeats."""
     if not isinstance(spec, str) or not spec.strip():
         raise LayerSpecError(f"layer spec {spec!r} is empty")
-    return list(dict.fromkeys(_expand(spec, spec)))
+    try:
+        return list(dict.fromkeys(_expand(spec, spec)))
+    except RecursionError:  # each group nests one level deeper, so thousands of them exhaust the stack
+        raise LayerSpecError(f"layer spec {spec!r} has too many brace groups") from None
 
 
 def resolve_edit_modules(model: nn.Module, specs: str | Sequence[str]) -> dict[str, EditableModule]:
@@ -96,6 +101,8 @@ def _expand(text: str, spec: str) -> list[str]:
     prefix, body, suffix = text[:open_at], text[open_at + 1:end], text[end + 1:]
     alternatives = [name for part in _split_top_level(body) for name in _expand_alternative(part, spec)]
     tails = _expand(suffix, spec)
+    if len(alternatives) * len(tails) > MAX_NAMES:
+        raise LayerSpecError(f"layer spec {spec!r} names more than {MAX_NAMES} modules")
     return [prefix + alternative + tail for alternative in alternatives for tail in tails]
 
 
@@ -104,9 +111,14 @@ def _expand_alternative(part: str, spec: str) -> list[str]:
     if not part:
         raise LayerSpecError(f"layer spec {spec!r}: empty alternative in a brace group")
     if match := RANGE.fullmatch(part):
+        if max(len(match[1]), len(match[2])) > MAX_BOUND_DIGITS:
+            raise LayerSpecError(f"layer spec {spec!r}: range {part!r} has a bound over "
+                                 f"{MAX_BOUND_DIGITS} digits")
         first, last = int(match[1]), int(match[2])
         if first > last:
             raise LayerSpecError(f"layer spec {spec!r}: reversed range {part!r}")
+        if last - first >= MAX_NAMES:
+            raise LayerSpecError(f"layer spec {spec!r}: range {part!r} names more than {MAX_NAMES} modules")
         return [str(i) for i in range(first, last + 1)]
     return _expand(part, spec)
 
