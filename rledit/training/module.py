@@ -1,0 +1,182 @@
+"""The Lightning module that trains an editor: one training item is one edit sequence.
+
+Manual optimization: `rollout` accumulates the sequence's policy gradient into the editor, then the
+module clips and steps (every `step_every` steps of the sequence, or once at its end). The LLM is held
+outside the module's children, so checkpoints carry the editor and never the LLM's weights.
+
+Under DDP every process rolls its own sequences and the processes stay identical by syncing explicitly
+once per optimizer step: gradients are averaged, a step is skipped everywhere if any process saw a
+non-finite sequence, and the normalizers' statistics are pooled. DistributedDataParallel's reducer takes
+no part: the two-stage backward runs many backward passes per step inside `training_step`, and
+Lightning never arms the reducer under manual optimization (it clears `require_backward_grad_sync`
+before DDP's post-forward, so `prepare_for_backward` never runs and its gradient hooks stay idle).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rledit.data.collate import EditBatch
+from rledit.editing.ledger import UpdateLedger
+from rledit.editing.session import EditSession
+from rledit.editors.base import Editor
+from rledit.editors.normalizer import RunningNormalizer
+from rledit.evaluation.runner import validation_scores
+from rledit.models.layers import EditableModule
+from rledit.training.rollout import Objective, rollout
+
+
+@dataclass
+class FrozenTarget:
+    """The LLM and its edited modules; a plain object so Lightning never treats the LLM as a child."""
+
+    model: nn.Module
+    editable: dict[str, EditableModule]
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {name: em.module for name, em in self.editable.items()}
+
+    def ledger(self) -> UpdateLedger:
+        return UpdateLedger({name: em.weight_view() for name, em in self.editable.items()})
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class StatisticsPooling:
+    """Keeps normalizer statistics identical across processes without losing any process's observations.
+
+    Each process observes the rows of its own sequences. At `pool()` every process's new rows since the
+    last pooling are merged exactly (parallel mean/variance), so all processes then hold the statistics
+    of every row any of them observed, as one process that rolled all the sequences would. Broadcasting
+    rank 0's buffers instead would also keep them equal, but would throw the other ranks' rows away.
+    """
+
+    def __init__(self, normalizers: list[RunningNormalizer]):
+        self.normalizers = normalizers
+        self.mark()
+
+    def mark(self) -> None:
+        """Remember the current (common) statistics; `pool()` merges what was observed after this."""
+        self.since = [(n.count.to(torch.float64), n.mean.clone(), n.m2.clone()) for n in self.normalizers]
+
+    @torch.no_grad()
+    def pool(self) -> None:
+        for norm, (n0, mean0, m2_0) in zip(self.normalizers, self.since):
+            # this process's new rows: invert the merge of (n0, mean0, m2_0) with them
+            n = norm.count.to(torch.float64)
+            n_new = n - n0
+            mean_new = (n * norm.mean - n0 * mean0) / n_new.clamp_min(1.0)
+            m2_new = norm.m2 - m2_0 - (mean_new - mean0).square() * (n0 * n_new / n.clamp_min(1.0))
+            # all processes' new rows, pooled
+            sums = torch.cat([n_new.reshape(1), n_new * mean_new])
+            dist.all_reduce(sums)
+            n_all, mean_all = sums[0], sums[1:] / sums[0].clamp_min(1.0)
+            m2_all = m2_new + n_new * (mean_new - mean_all).square()
+            dist.all_reduce(m2_all)
+            # merged into the common statistics
+            total = n0 + n_all
+            delta = mean_all - mean0
+            norm.mean.copy_(mean0 + delta * (n_all / total.clamp_min(1.0)))
+            norm.m2.copy_(m2_0 + m2_all + delta.square() * (n0 * n_all / total.clamp_min(1.0)))
+            norm.count.copy_(total.round().to(torch.int64))
+        self.mark()
+
+
+class EditorTrainer(L.LightningModule):
+    """Trains `editor` on sequences of edit batches with the given objective."""
+
+    def __init__(self, editor: Editor, target: FrozenTarget, objective: Objective, lr: float = 1e-4,
+                 grad_clip: float | None = 1.0, step_every: int | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.editor = editor
+        self.target = target
+        self.objective = objective
+        self.lr, self.grad_clip, self.step_every = lr, grad_clip, step_every
+        self.skipped_steps = 0
+        self.pooling: StatisticsPooling | None = None  # set at fit start when there are several processes
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=self.lr)
+
+    def setup(self, stage: str) -> None:
+        self.target.model.to(self.device)
+
+    def on_fit_start(self) -> None:
+        """Calibrate step sizes on one fixed training batch, so every process starts from the same editor."""
+        if hasattr(self.editor, "calibrated") and not bool(self.editor.calibrated):
+            batch = self.trainer.datamodule.train_sequences[0][0].to(self.device)
+            with torch.no_grad():
+                self.editor.predict_update(self.target.model, self.target.modules, batch.edit)
+        if _world_size() > 1:  # DDP: each process observes its own rows (see StatisticsPooling)
+            self.pooling = StatisticsPooling([m for m in self.editor.modules() if isinstance(m, RunningNormalizer)])
+
+    def training_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        steps = [batch.to(self.device) for batch in sequence]
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        def maybe_step(t: int) -> None:
+            if self.step_every and (t + 1) % self.step_every == 0 and t + 1 < len(steps):
+                self._optimizer_step(optimizer, finite=True)
+
+        self.editor.train()
+        stats = rollout(self.editor, self.target.model, self.target.modules, self.target.ledger(), steps,
+                        self.objective, on_step=maybe_step)
+        grad_norm = self._optimizer_step(optimizer, finite=stats.finite)
+        metrics = {"train/return": stats.ret, "train/gen_loss": stats.gen_loss, "train/loc_loss": stats.loc_loss,
+                   "train/update_norm_sq": stats.norm_sq, "train/grad_norm": grad_norm,
+                   "train/seconds_per_step": (time.perf_counter() - started) / len(steps),
+                   "train/skipped_steps": float(self.skipped_steps)}
+        metrics.update({f"update_norm/{name}": value for name, value in stats.update_norms.items()})
+        if self.device.type == "cuda":
+            metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log_dict(metrics, prog_bar=False, on_step=True, batch_size=1)
+        self.log("return", stats.ret, prog_bar=True, logger=False, batch_size=1)
+
+    def _optimizer_step(self, optimizer, finite: bool) -> float:
+        """Sync the processes, clip, step; a non-finite sequence (on any process) is skipped untouched."""
+        params = [p for p in self.editor.parameters() if p.requires_grad]
+        if self.pooling is not None:
+            finite = self._sync_processes(params, finite)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+        if finite and torch.isfinite(torch.tensor(norm)):
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            optimizer.step()
+        else:
+            self.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _sync_processes(self, params: list[nn.Parameter], finite: bool) -> bool:
+        """Average the gradients and pool the normalizer statistics; True if every process's sequence was finite."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= _world_size()
+        self.pooling.pool()
+        flag = torch.tensor(float(finite), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag)
+
+    def validation_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
+        """Lifelong editing of the held-out sequence with the current editor, scored, then reverted."""
+        self.editor.eval()
+        session = EditSession(self.target.model, self.target.editable, self.editor)
+        scores = validation_scores(session, [batch.to(self.device) for batch in sequence])
+        self.log_dict({f"val/{k}": v for k, v in scores.items()}, prog_bar=True, batch_size=1, sync_dist=True)
