@@ -35,6 +35,31 @@ class TokenizedBatch:
     def to(self, device: torch.device | str) -> TokenizedBatch:
         return TokenizedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> TokenizedBatch:
+        """Rows [start, stop), with the columns that are padding in all of them dropped (right padding)."""
+        width = int(self.attention_mask[start:stop].sum(-1).max()) if stop > start else 0
+        return TokenizedBatch(**{f.name: getattr(self, f.name)[start:stop, :width] if f.name != "request_index"
+                                 else self.request_index[start:stop] for f in fields(self)})
+
+    @staticmethod
+    def concat(batches: Sequence[TokenizedBatch]) -> TokenizedBatch:
+        """Stack right-padded batches of different widths into one right-padded batch."""
+        width = max(b.input_ids.shape[1] for b in batches)
+
+        def padded(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        return TokenizedBatch(
+            input_ids=torch.cat([padded(b.input_ids, 0) for b in batches]),
+            attention_mask=torch.cat([padded(b.attention_mask, 0) for b in batches]),
+            labels=torch.cat([padded(b.labels, IGNORE_INDEX) for b in batches]),
+            target_mask=torch.cat([padded(b.target_mask, False) for b in batches]),
+            request_index=torch.cat([b.request_index for b in batches]))
+
 
 @dataclass(frozen=True)
 class EditBatch:

@@ -23,6 +23,13 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[mask].float(), labels[mask])
 
 
+def weighted_target_nll(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """sum over rows of row_weight x (summed cross-entropy of the row's target tokens)."""
+    logits, labels, mask = shifted(logits, labels)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return ((nll * mask).sum(-1) * row_weight).sum()
+
+
 def per_row_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of each row's target tokens whose argmax is right (B,)."""
     logits, labels, mask = shifted(logits, labels)
@@ -37,6 +44,16 @@ def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: 
     base_logp = base[mask].float().log_softmax(-1)
     edited_logp = edited[mask].float().log_softmax(-1)
     return F.kl_div(edited_logp, base_logp, log_target=True, reduction="batchmean")
+
+
+def weighted_locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor,
+                         row_weight: torch.Tensor) -> torch.Tensor:
+    """sum over rows of row_weight x (summed KL(p_base || p_edited) over the row's answer positions)."""
+    base, _, mask = shifted(base_logits, labels)
+    edited, _, _ = shifted(edited_logits, labels)
+    base_logp, edited_logp = base.float().log_softmax(-1), edited.float().log_softmax(-1)
+    kl = (base_logp.exp() * (base_logp - edited_logp)).sum(-1)
+    return ((kl * mask).sum(-1) * row_weight).sum()
 
 
 def forward_logits(model: nn.Module, batch) -> torch.Tensor:

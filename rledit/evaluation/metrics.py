@@ -1,54 +1,123 @@
-"""Per-request scores on tokenized batches: each function says in its name how it is computed.
+"""What a teacher-forced forward pass says about each row's target tokens, and how rows become requests.
 
 Rows belong to requests through `request_index`; a request with several rows (rephrases, locality
-prompts) scores the mean of its rows, and a metric is the mean over requests.
+prompts) scores the mean of its rows, and a metric is the mean over the requests that have rows.
+Everything here works on logits and tensors, so the tests can check it on hand-built numbers.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from rledit.editing.losses import forward_logits, per_row_token_accuracy, shifted
+import torch
+
+from rledit.editing.losses import shifted
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "efficacy": "teacher-forced token accuracy of target_new after the edit prompt: fraction of target tokens "
+                "whose argmax is right, per request, averaged over requests",
+    "generalization": "teacher-forced token accuracy of target_new after each rephrase prompt, averaged over a "
+                      "request's rephrases, then over requests",
+    "specificity": "teacher-forced token accuracy of the true answers of the locality prompts, averaged over a "
+                   "request's locality prompts, then over requests",
+    "specificity_agreement": "fraction of locality answer positions where the model's argmax equals the "
+                             "pre-edit model's argmax, per request, averaged over requests",
+    "cf_efficacy_score": "CounterFact probability comparison on the edit prompt: 1 if mean per-token log P(target_new) "
+                         "> mean per-token log P(target_true), averaged over requests that have a target_true",
+    "cf_paraphrase_score": "the same comparison on each rephrase prompt, averaged over a request's rephrases, then "
+                           "over requests that have a target_true",
+    "cf_neighborhood_score": "CounterFact neighbourhood comparison on each locality prompt: 1 if mean per-token "
+                             "log P(its true answer) > mean per-token log P(target_new), averaged per request, "
+                             "then over requests that have a target_true",
+    "generation_exact_match": "greedy decoding from the edit prompt, as many tokens as target_new has, reproduces "
+                              "target_new's tokens exactly; averaged over requests",
+    "perplexity": "exp of the mean next-token negative log-likelihood over every token of the held-out text",
+}
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """Per-row results of one teacher-forced pass: accuracy, log-probability and argmax at target positions."""
+
+    token_accuracy: torch.Tensor
+    """(rows,) fraction of target tokens whose argmax is the target token."""
+    log_prob_sum: torch.Tensor
+    """(rows,) sum of the log-probabilities of the target tokens."""
+    num_tokens: torch.Tensor
+    """(rows,) number of target tokens."""
+    predictions: list[torch.Tensor]
+    """Per row, the argmax tokens at its target positions."""
+
+    @property
+    def mean_log_prob(self) -> torch.Tensor:
+        """(rows,) mean per-token log-probability of the target (length-normalized, as CounterFact compares)."""
+        return self.log_prob_sum / self.num_tokens.clamp(min=1)
+
+    def select(self, rows: torch.Tensor) -> RowScores:
+        """The scores of the rows where the boolean mask `rows` is True."""
+        kept = rows.nonzero().flatten().tolist()
+        return RowScores(self.token_accuracy[rows], self.log_prob_sum[rows], self.num_tokens[rows],
+                         [self.predictions[i] for i in kept])
+
+    @staticmethod
+    def concat(parts: Sequence[RowScores]) -> RowScores:
+        return RowScores(torch.cat([p.token_accuracy for p in parts]), torch.cat([p.log_prob_sum for p in parts]),
+                         torch.cat([p.num_tokens for p in parts]), [t for p in parts for t in p.predictions])
+
+
+def row_scores(logits: torch.Tensor, labels: torch.Tensor) -> RowScores:
+    """Score every row of (B x T x V) logits against Hugging Face-style labels (-100 = not a target).
+
+    Only the target positions are normalized (log-softmax over the vocabulary), so memory stays
+    proportional to the number of target tokens, not to B x T x V. Results are on the CPU, in fp64.
+    """
+    logits, labels, mask = shifted(logits, labels)
+    row_of_token = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    selected = logits[mask].float()
+    targets = labels[mask]
+    predicted = selected.argmax(-1)
+    log_probs = selected.gather(-1, targets[:, None])[:, 0] - selected.logsumexp(-1)
+    num_tokens = mask.sum(-1).cpu()
+    hits = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
+        0, row_of_token.cpu(), (predicted == targets).double().cpu())
+    log_prob_sum = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
+        0, row_of_token.cpu(), log_probs.double().cpu())
+    return RowScores(hits / num_tokens.clamp(min=1), log_prob_sum, num_tokens,
+                     list(predicted.cpu().split(num_tokens.tolist())))
 
 
 def per_request_mean(row_values: torch.Tensor, request_index: torch.Tensor, num_requests: int) -> torch.Tensor:
     """Mean of row values per request (NaN for requests without rows)."""
-    sums = torch.zeros(num_requests, dtype=torch.float64, device=row_values.device)
-    counts = torch.zeros(num_requests, dtype=torch.float64, device=row_values.device)
-    sums.index_add_(0, request_index, row_values.double())
-    counts.index_add_(0, request_index, torch.ones_like(row_values, dtype=torch.float64))
+    sums = torch.zeros(num_requests, dtype=torch.float64)
+    counts = torch.zeros(num_requests, dtype=torch.float64)
+    sums.index_add_(0, request_index.cpu(), row_values.double().cpu())
+    counts.index_add_(0, request_index.cpu(), torch.ones(len(row_values), dtype=torch.float64))
     return sums / counts
 
 
-@torch.no_grad()
-def teacher_forced_accuracy(model: nn.Module, batch, num_requests: int) -> torch.Tensor:
-    """Per request: fraction of target tokens whose argmax under teacher forcing is the target token."""
-    if batch.input_ids.shape[0] == 0:
-        return torch.full((num_requests,), float("nan"), dtype=torch.float64)
-    rows = per_row_token_accuracy(forward_logits(model, batch), batch.labels)
-    return per_request_mean(rows, batch.request_index, num_requests).cpu()
-
-
-@torch.no_grad()
-def predicted_target_tokens(model: nn.Module, batch) -> list[torch.Tensor]:
-    """The argmax tokens at each row's target positions (for agreement with another model)."""
-    logits, _, mask = shifted(forward_logits(model, batch), batch.labels)
-    predictions = logits.argmax(-1)
-    return [predictions[i][mask[i]].cpu() for i in range(predictions.shape[0])]
-
-
-def agreement(reference: list[torch.Tensor], current: list[torch.Tensor], request_index: torch.Tensor,
-              num_requests: int) -> torch.Tensor:
-    """Per request: fraction of target positions where two models predict the same token."""
-    rows = torch.tensor([(r == c).float().mean().item() if len(r) else float("nan")
+def agreement(reference: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per row: fraction of target positions where two models predict the same token (NaN for empty rows)."""
+    return torch.tensor([(r == c).double().mean().item() if len(r) else math.nan
                          for r, c in zip(reference, current, strict=True)], dtype=torch.float64)
-    return per_request_mean(rows, request_index.cpu(), num_requests)
 
 
-@torch.no_grad()
-def target_log_probs(model: nn.Module, batch) -> torch.Tensor:
-    """Per row: the sum of log-probabilities of the target tokens (for probability comparisons)."""
-    logits, labels, mask = shifted(forward_logits(model, batch), batch.labels)
-    logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (logp * mask).sum(-1).cpu()
+def prefers(first_log_prob: torch.Tensor, second_log_prob: torch.Tensor) -> torch.Tensor:
+    """Per row: 1.0 where the first target is more probable than the second (strictly), else 0.0."""
+    return (first_log_prob > second_log_prob).double()
+
+
+def perplexity(scores: RowScores) -> float:
+    """exp of the mean negative log-likelihood over every scored token of every row."""
+    total = int(scores.num_tokens.sum())
+    return math.exp(-float(scores.log_prob_sum.sum()) / total) if total else math.nan
+
+
+def mean_over_requests(values: Mapping[str, torch.Tensor]) -> dict[str, float | None]:
+    """Each metric's mean over the requests where it is defined; None where no request defines it."""
+    summary: dict[str, float | None] = {}
+    for name, per_request in values.items():
+        defined = per_request[~per_request.isnan()]
+        summary[name] = float(defined.mean()) if len(defined) else None
+    return summary

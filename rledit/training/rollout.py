@@ -8,7 +8,8 @@ before the next step, and the original weights are restored at the end.
 
 Memory stays flat in k through a two-stage backward: the factors of dW_t are copied into leaves, every
 LLM loss is back-propagated into those leaves one at a time (each graph freed at once), and the
-accumulated leaf gradients go through the hypernetwork once per step.
+accumulated leaf gradients go through the hypernetwork once per step. The rows a step scores (the
+look-back batches' prompts) are stacked and sent through the LLM in chunks of bounded size.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rledit.data.collate import EditBatch
+from rledit.data.collate import IGNORE_INDEX, EditBatch, TokenizedBatch
 from rledit.editing.functional import functional_update
 from rledit.editing.ledger import UpdateLedger
-from rledit.editing.losses import forward_logits, locality_kl, target_nll
+from rledit.editing.losses import forward_logits, weighted_locality_kl, weighted_target_nll
 from rledit.editing.update import FactoredUpdate, ModuleUpdate
 from rledit.editors.base import Editor
 from rledit.errors import ConfigError
@@ -41,11 +42,12 @@ class Objective:
     locality_weight: float = 1.0  # c_loc
     norm_penalty: float = 0.0     # eta in front of ||dW_t||_F^2 (a real gradient, through the factors)
     gen_prompts: tuple[str, ...] = GEN_PROMPTS
+    chunk_rows: int = 256         # rows per LLM forward/backward when scoring (bounds activation memory)
 
     def __post_init__(self):
-        if self.back_depth < 1 or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
-            raise ConfigError(f"objective: back_depth={self.back_depth} must be >= 1, decay={self.decay} and "
-                              f"discount={self.discount} in (0, 1]")
+        if self.back_depth < 1 or self.chunk_rows < 1 or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
+            raise ConfigError(f"objective: back_depth={self.back_depth} and chunk_rows={self.chunk_rows} must be "
+                              f">= 1, decay={self.decay} and discount={self.discount} in (0, 1]")
         unknown = set(self.gen_prompts) - set(GEN_PROMPTS)
         if unknown or not self.gen_prompts:
             raise ConfigError(f"objective: gen_prompts={list(self.gen_prompts)}: choose from {list(GEN_PROMPTS)}")
@@ -83,8 +85,26 @@ def _through_editor(update: FactoredUpdate, leaves: FactoredUpdate) -> None:
         torch.autograd.backward(outputs, grads)
 
 
-def _gen_batches(batch: EditBatch, gen_prompts: Sequence[str]):
-    return [getattr(batch, which) for which in gen_prompts if getattr(batch, which).input_ids.shape[0] > 0]
+def _scored_rows(steps: Sequence[EditBatch], t: int, objective: Objective, kinds: Sequence[str],
+                 step_weight: float) -> tuple[TokenizedBatch, torch.Tensor] | None:
+    """All rows step t's reward scores for `kinds`, stacked, with per-row weights chosen so that the sum of
+    weighted row sums is sum_j step_weight * mu^j * (mean loss over the target tokens of each batch)."""
+    parts, weights = [], []
+    for j in range(min(objective.back_depth, t + 1)):
+        for kind in kinds:
+            batch = getattr(steps[t - j], kind)
+            if batch.num_rows == 0:
+                continue
+            n_tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            parts.append(batch)
+            weights.append(torch.full((batch.num_rows,), step_weight * objective.decay ** j / n_tokens,
+                                      device=batch.input_ids.device))
+    return (TokenizedBatch.concat(parts), torch.cat(weights)) if parts else None
+
+
+def _chunks(rows: TokenizedBatch, weights: torch.Tensor, size: int):
+    for start in range(0, rows.num_rows, size):
+        yield rows.rows(start, start + size), weights[start:start + size]
 
 
 def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], ledger: UpdateLedger,
@@ -94,44 +114,45 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
 
     The ledger must be empty at the start; it is empty again (weights restored) at the end, also on error.
     `on_step(t)` is called after each step's gradients are accumulated (for optimizer steps every m steps).
+    Scored rows go through the LLM in chunks of `objective.chunk_rows`, so memory does not grow with k.
     """
     if len(ledger):
         raise RuntimeError("rollout needs the original weights: the ledger already holds commits")
     stats = RolloutStats()
-    n_gen = n_loc = 0
+    gen_mass = loc_mass = 0.0
     try:
         for t, batch in enumerate(steps):
             update = editor.predict_update(model, modules, batch.edit)
             leaves = _leaves(update)
-            weight = objective.discount ** t / len(steps)
+            step_weight = objective.discount ** t / len(steps)
+            mass = step_weight * sum(objective.decay ** j for j in range(min(objective.back_depth, t + 1)))
 
-            for j in range(min(objective.back_depth, t + 1)):
-                past = steps[t - j]
-                w = weight * objective.decay ** j
-                for gen_batch in _gen_batches(past, objective.gen_prompts):
-                    with functional_update(modules, leaves):
-                        loss = target_nll(forward_logits(model, gen_batch), gen_batch.labels)
-                    stats.finite &= bool(torch.isfinite(loss))
-                    (w * loss).backward()
-                    stats.gen_loss += loss.item()
-                    stats.ret -= w * loss.item()
-                    n_gen += 1
-                if objective.locality_weight > 0 and past.locality.input_ids.shape[0] > 0:
-                    with torch.no_grad():
-                        base = forward_logits(model, past.locality)
-                    with functional_update(modules, leaves):
-                        loss = locality_kl(base, forward_logits(model, past.locality), past.locality.labels)
-                    stats.finite &= bool(torch.isfinite(loss))
-                    (w * objective.locality_weight * loss).backward()
-                    stats.loc_loss += loss.item()
-                    stats.ret -= w * objective.locality_weight * loss.item()
-                    n_loc += 1
+            gen = _scored_rows(steps, t, objective, objective.gen_prompts, step_weight)
+            for chunk, weights in _chunks(*gen, objective.chunk_rows) if gen else ():
+                with functional_update(modules, leaves):
+                    loss = weighted_target_nll(forward_logits(model, chunk), chunk.labels, weights)
+                loss.backward()
+                stats.finite &= bool(torch.isfinite(loss))
+                stats.gen_loss += loss.item()
+            gen_mass += mass * len(objective.gen_prompts)
+
+            loc = _scored_rows(steps, t, objective, ("locality",), step_weight) \
+                if objective.locality_weight > 0 else None
+            for chunk, weights in _chunks(*loc, objective.chunk_rows) if loc else ():
+                with torch.no_grad():
+                    base = forward_logits(model, chunk)
+                with functional_update(modules, leaves):
+                    loss = weighted_locality_kl(base, forward_logits(model, chunk), chunk.labels, weights)
+                (objective.locality_weight * loss).backward()
+                stats.finite &= bool(torch.isfinite(loss))
+                stats.loc_loss += loss.item()
+            loc_mass += mass
 
             norm_sq = sum(u.frobenius_sq() for u in leaves.values())
             if objective.norm_penalty > 0:
-                (weight * objective.norm_penalty * norm_sq).backward()
+                (step_weight * objective.norm_penalty * norm_sq).backward()
             stats.norm_sq += float(norm_sq.detach()) / len(steps)
-            stats.ret -= float(norm_sq.detach()) * objective.norm_penalty * weight
+            stats.ret -= objective.norm_penalty * step_weight * float(norm_sq.detach())
             _through_editor(update, leaves)
             for name, u in leaves.items():
                 norm = math.sqrt(float(u.detach().frobenius_sq()))
@@ -141,6 +162,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
                 on_step(t)
     finally:
         ledger.revert()
-    stats.gen_loss /= max(n_gen, 1)
-    stats.loc_loss /= max(n_loc, 1)
+    stats.ret -= stats.gen_loss + objective.locality_weight * stats.loc_loss
+    stats.gen_loss /= max(gen_mass, 1e-12)
+    stats.loc_loss /= max(loc_mass, 1e-12)
     return stats

@@ -1,0 +1,19 @@
+"""Lifelong evaluation of an editor: `python evaluate.py checkpoint=PATH data=counterfact num_steps=50 edits_per_step=20`.
+
+With no arguments it edits the synthetic world's tiny model with the training-free editor (no download,
+no GPU, no checkpoint). Options and their defaults: configs/evaluate.yaml.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from rledit.evaluation.command import evaluate
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Lifelong evaluation: the runner, metrics and scoring, reports, plots, experiment logging, saved edits."""
