@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.saved_edits import save_edited_model
 from rledit.evaluation.scoring import RequestScorer, text_rows
 from rledit.evaluation.tracking import log_run
-from rledit.pipeline import Experiment, build_editor, build_experiment, load_editor_checkpoint
+from rledit.pipeline import Experiment, build_editor, build_experiment, cpu_threads, load_editor_checkpoint
 
 HOW_TO_EVALUATE_A_TRAINED_EDITOR = (
     "To evaluate a trained RLEdit editor instead: run `python train.py` (it saves editor.ckpt in its run "
@@ -32,22 +30,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured lifelong protocol and write results.json, per_step.csv and the plot to cfg.run_dir."""
     with cpu_threads(cfg.cpu_threads):
         return _evaluate(cfg)
-
-
-@contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """torch's CPU thread count set to `count` inside the block (untouched when None), restored after.
-
-    Small models lose to threading overhead on a busy CPU: model=tiny edits 10x faster on one thread
-    than on two when other processes share the cores (measured on a shared 2-core machine).
-    """
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,60 @@
+"""Train an editor: `python train.py` trains RLEdit on the embedded synthetic world (see configs/train.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from rledit.data.streams import EditStreamDataModule
+from rledit.errors import ConfigError
+from rledit.pipeline import build_editor, build_experiment, cpu_threads, editor_checkpoint
+from rledit.training.module import EditorTrainer, FrozenTarget
+from rledit.training.rollout import Objective
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train the configured editor; returns the path of the written editor checkpoint."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    experiment = build_experiment(cfg)
+    editor = build_editor(cfg, experiment)
+    if not editor.trainable:
+        raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
+                          f"python evaluate.py editor={cfg.editor.name}")
+    objective_cfg = OmegaConf.to_container(cfg.editor.objective, resolve=True)
+    sequence_length = objective_cfg.pop("sequence_length")
+    objective = Objective(**{**objective_cfg, "gen_prompts": tuple(objective_cfg["gen_prompts"])})
+    training = cfg.training
+    datamodule = EditStreamDataModule(
+        experiment.data.train, experiment.data.eval, experiment.collator, edits_per_step=training.edits_per_step,
+        train_num_steps=sequence_length, eval_num_steps=training.val_num_steps,
+        sequences_per_epoch=max(1, training.batches_per_epoch // sequence_length), seed=cfg.seed)
+    module = EditorTrainer(editor, FrozenTarget(experiment.model, experiment.editable), objective,
+                           lr=training.lr, grad_clip=training.grad_clip, step_every=training.step_every)
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
+                          callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    path = run_dir / "editor.ckpt"
+    if trainer.is_global_zero:
+        torch.save(editor_checkpoint(editor, cfg), path)
+        print(f"editor checkpoint: {path}")
+    return path
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with cpu_threads(cfg.cpu_threads):
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()
