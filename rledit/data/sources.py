@@ -1,0 +1,59 @@
+"""Where an experiment's edit requests come from: the synthetic world of the model, or record files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rledit.data.loading import load_records
+from rledit.data.records import EditRecord
+from rledit.data.streams import split_records
+from rledit.errors import ConfigError
+
+
+@dataclass
+class EditData:
+    """Training and evaluation requests (disjoint), plus held-out text for perplexity when there is some."""
+
+    train: list[EditRecord]
+    eval: list[EditRecord]
+    heldout_text: list[str] | None = None
+    skipped: int = 0
+
+
+def synthetic_records(loaded, eval_fraction: float = 0.5, locality_per_request: int = 3, seed: int = 0,
+                      heldout_sentences: int = 200) -> EditData:
+    """Counterfactual requests on the synthetic world the model was pretrained on; subjects split train/eval."""
+    world = getattr(loaded, "world", None)
+    if world is None:
+        raise ConfigError("data=synthetic edits the synthetic world's own model: use model=tiny "
+                          "(or a data set such as data=counterfact for other models)")
+    split = world.split_subjects(eval_fraction=eval_fraction, seed=seed)
+
+    def requests(subjects, request_seed):
+        # Locality prompts ask true facts of the other side's subjects: those are never edited by this
+        # side's stream, so their answers stay true however many of its requests are committed.
+        return world.edit_requests(subjects, seed=request_seed, locality_per_request=locality_per_request)
+
+    return EditData(train=requests(split.train, seed), eval=requests(split.eval, seed + 1),
+                    heldout_text=world.heldout_sentences(heldout_sentences, seed=seed))
+
+
+def file_records(loaded, train: str, eval: str | None = None, eval_size: int | None = None, seed: int = 0,
+                 dialect: str = "auto", on_bad_record: str = "error", limit: int | None = None) -> EditData:
+    """Requests from local JSON/JSONL files or Hub data sets; without an eval file, a seeded split of train."""
+    train_loaded = load_records(_existing_or_hub(train), dialect=dialect, on_bad_record=on_bad_record, limit=limit)
+    if eval is not None:
+        eval_loaded = load_records(_existing_or_hub(eval), dialect=dialect, on_bad_record=on_bad_record)
+        return EditData(train_loaded.records, eval_loaded.records,
+                        skipped=train_loaded.skipped + eval_loaded.skipped)
+    if eval_size is None:
+        raise ConfigError("data: give either an `eval` file or an `eval_size` to split from `train`")
+    train_part, eval_part = split_records(train_loaded.records, eval_size, seed)
+    return EditData(list(train_part), list(eval_part), skipped=train_loaded.skipped)
+
+
+def _existing_or_hub(source: str) -> str:
+    """Relative paths are taken from the directory the command was started in (Hydra does not chdir)."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
