@@ -30,13 +30,6 @@ def weighted_target_nll(logits: torch.Tensor, labels: torch.Tensor, row_weight: 
     return ((nll * mask).sum(-1) * row_weight).sum()
 
 
-def per_row_token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of each row's target tokens whose argmax is right (B,)."""
-    logits, labels, mask = shifted(logits, labels)
-    hits = (logits.argmax(-1) == labels) & mask
-    return hits.sum(-1).float() / mask.sum(-1).clamp(min=1).float()
-
-
 def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """KL(p_base || p_edited) averaged over the answer positions of locality prompts."""
     base, _, mask = shifted(base_logits, labels)

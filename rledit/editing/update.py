@@ -23,10 +23,6 @@ class ModuleUpdate:
     alpha: float = 1.0
     row_mask: torch.Tensor | None = None
 
-    @property
-    def rank_bound(self) -> int:
-        return self.P.shape[0]
-
     def masked_scale(self) -> torch.Tensor:
         """s with masked rows zeroed (ones when no scale is given)."""
         s = torch.ones(self.P.shape[0], dtype=torch.float32, device=self.P.device) if self.scale is None \
