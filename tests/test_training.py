@@ -82,7 +82,7 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
     return {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk_rows", [256, 5])
+@pytest.mark.parametrize("chunk_rows", [None, 256, 5])
 def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows):
     model, editable, modules, steps, editor = setup
     objective = Objective(back_depth=2, decay=0.9, discount=0.95, locality_weight=0.5, norm_penalty=1e-2,

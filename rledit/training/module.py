@@ -118,7 +118,8 @@ class EditorTrainer(L.LightningModule):
             with torch.no_grad():
                 self.editor.predict_update(self.target.model, self.target.modules, batch.edit)
         if _world_size() > 1:  # DDP: each process observes its own rows (see StatisticsPooling)
-            self.pooling = StatisticsPooling([m for m in self.editor.modules() if isinstance(m, RunningNormalizer)])
+            normalizers = [m for m in self.editor.modules() if isinstance(m, RunningNormalizer)]
+            self.pooling = StatisticsPooling(normalizers)
 
     def training_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
         optimizer = self.optimizers()
@@ -163,7 +164,7 @@ class EditorTrainer(L.LightningModule):
         return norm
 
     def _sync_processes(self, params: list[nn.Parameter], finite: bool) -> bool:
-        """Average the gradients and pool the normalizer statistics; True if every process's sequence was finite."""
+        """Average gradients, pool normalizer statistics; returns whether every process's sequence was finite."""
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

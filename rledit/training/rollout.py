@@ -42,10 +42,11 @@ class Objective:
     locality_weight: float = 1.0  # c_loc
     norm_penalty: float = 0.0     # eta in front of ||dW_t||_F^2 (a real gradient, through the factors)
     gen_prompts: tuple[str, ...] = GEN_PROMPTS
-    chunk_rows: int = 256         # rows per LLM forward/backward when scoring (bounds activation memory)
+    chunk_rows: int | None = None  # rows per LLM pass when scoring; None: the current batch's rows (memory flat in k)
 
     def __post_init__(self):
-        if self.back_depth < 1 or self.chunk_rows < 1 or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
+        bad_chunk = self.chunk_rows is not None and self.chunk_rows < 1
+        if self.back_depth < 1 or bad_chunk or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
             raise ConfigError(f"objective: back_depth={self.back_depth} and chunk_rows={self.chunk_rows} must be "
                               f">= 1, decay={self.decay} and discount={self.discount} in (0, 1]")
         unknown = set(self.gen_prompts) - set(GEN_PROMPTS)
@@ -102,7 +103,11 @@ def _scored_rows(steps: Sequence[EditBatch], t: int, objective: Objective, kinds
     return (TokenizedBatch.concat(parts), torch.cat(weights)) if parts else None
 
 
-def _chunks(rows: TokenizedBatch, weights: torch.Tensor, size: int):
+def _chunks(rows: TokenizedBatch, weights: torch.Tensor, size: int | None, current: EditBatch,
+            kinds: Sequence[str]):
+    """Chunks of `size` rows; by default as many rows as the current step's own batches of `kinds` have,
+    so a pass is never larger than at back_depth 1."""
+    size = size or max(1, sum(getattr(current, kind).num_rows for kind in kinds))
     for start in range(0, rows.num_rows, size):
         yield rows.rows(start, start + size), weights[start:start + size]
 
@@ -114,7 +119,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
 
     The ledger must be empty at the start; it is empty again (weights restored) at the end, also on error.
     `on_step(t)` is called after each step's gradients are accumulated (for optimizer steps every m steps).
-    Scored rows go through the LLM in chunks of `objective.chunk_rows`, so memory does not grow with k.
+    Scored rows go through the LLM in chunks no larger than one step's batch, so memory does not grow with k.
     """
     if len(ledger):
         raise RuntimeError("rollout needs the original weights: the ledger already holds commits")
@@ -128,7 +133,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
             mass = step_weight * sum(objective.decay ** j for j in range(min(objective.back_depth, t + 1)))
 
             gen = _scored_rows(steps, t, objective, objective.gen_prompts, step_weight)
-            for chunk, weights in _chunks(*gen, objective.chunk_rows) if gen else ():
+            for chunk, weights in _chunks(*gen, objective.chunk_rows, batch, objective.gen_prompts) if gen else ():
                 with functional_update(modules, leaves):
                     loss = weighted_target_nll(forward_logits(model, chunk), chunk.labels, weights)
                 loss.backward()
@@ -138,7 +143,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
 
             loc = _scored_rows(steps, t, objective, ("locality",), step_weight) \
                 if objective.locality_weight > 0 else None
-            for chunk, weights in _chunks(*loc, objective.chunk_rows) if loc else ():
+            for chunk, weights in _chunks(*loc, objective.chunk_rows, batch, ("locality",)) if loc else ():
                 with torch.no_grad():
                     base = forward_logits(model, chunk)
                 with functional_update(modules, leaves):
