@@ -132,7 +132,7 @@ def reference_training(normalize: bool, schedule: list[tuple[int, ...]]) -> tupl
     for sequences in schedule:
         for n in sequences:
             steps = datamodule.train_sequences[n]
-            rollout(editor, target.model, target.modules, target.ledger(), steps, OBJECTIVE)
+            rollout(editor, target.model, target.modules, target.ledger, steps, OBJECTIVE)
         for p in params:
             p.grad /= len(sequences)
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import lightning as L
 import torch
@@ -43,7 +44,9 @@ class FrozenTarget:
     def modules(self) -> dict[str, nn.Module]:
         return {name: em.module for name, em in self.editable.items()}
 
+    @cached_property
     def ledger(self) -> UpdateLedger:
+        """One ledger for all rollouts: each leaves it empty, so its copy of the originals is made once."""
         return UpdateLedger({name: em.weight_view() for name, em in self.editable.items()})
 
 
@@ -133,7 +136,7 @@ class EditorTrainer(L.LightningModule):
                 self._optimizer_step(optimizer, finite=True)
 
         self.editor.train()
-        stats = rollout(self.editor, self.target.model, self.target.modules, self.target.ledger(), steps,
+        stats = rollout(self.editor, self.target.model, self.target.modules, self.target.ledger, steps,
                         self.objective, on_step=maybe_step)
         grad_norm = self._optimizer_step(optimizer, finite=stats.finite)
         metrics = {"train/return": stats.ret, "train/gen_loss": stats.gen_loss, "train/loc_loss": stats.loc_loss,
