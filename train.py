@@ -13,9 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.streams import EditStreamDataModule
 from rledit.errors import ConfigError
-from rledit.pipeline import build_editor, build_experiment, cpu_threads, editor_checkpoint
+from rledit.pipeline import build_editor, build_experiment, build_objective, cpu_threads, editor_checkpoint
 from rledit.training.module import EditorTrainer, FrozenTarget
-from rledit.training.rollout import Objective
 
 
 def train(cfg: DictConfig) -> Path:
@@ -27,9 +26,7 @@ def train(cfg: DictConfig) -> Path:
     if not editor.trainable:
         raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
                           f"python evaluate.py editor={cfg.editor.name}")
-    objective_cfg = OmegaConf.to_container(cfg.editor.objective, resolve=True)
-    sequence_length = objective_cfg.pop("sequence_length")
-    objective = Objective(**{**objective_cfg, "gen_prompts": tuple(objective_cfg["gen_prompts"])})
+    objective, sequence_length = build_objective(cfg)
     training = cfg.training
     datamodule = EditStreamDataModule(
         experiment.data.train, experiment.data.eval, experiment.collator, edits_per_step=training.edits_per_step,

@@ -34,16 +34,15 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from rledit.data.streams import EditStreamDataModule
-from rledit.pipeline import build_editor, build_experiment
+from rledit.pipeline import build_editor, build_experiment, build_objective
 from rledit.training.module import EditorTrainer, FrozenTarget
-from rledit.training.rollout import Objective
 
 LIMIT = 1.25
 WARM_UP, TIMED, MEASURED = 0, 1, 2  # the training steps (sequences) of each run
@@ -139,9 +138,7 @@ def measure(overrides: list[str]) -> dict:
     L.seed_everything(cfg.seed)
     experiment = build_experiment(cfg)
     editor = build_editor(cfg, experiment)
-    objective_cfg = OmegaConf.to_container(cfg.editor.objective, resolve=True)
-    sequence_length = objective_cfg.pop("sequence_length")
-    objective = Objective(**{**objective_cfg, "gen_prompts": tuple(objective_cfg["gen_prompts"])})
+    objective, sequence_length = build_objective(cfg)
     training = cfg.training
     datamodule = EditStreamDataModule(
         experiment.data.train, experiment.data.eval, experiment.collator,

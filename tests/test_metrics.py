@@ -15,7 +15,6 @@ from rledit.data.synthetic.pretrain import model_config
 from rledit.data.synthetic.tokenizer import build_tokenizer
 from rledit.data.synthetic.world import build_world
 from rledit.editing.losses import forward_logits
-from rledit.evaluation.command import cpu_threads
 from rledit.evaluation.metrics import (
     agreement,
     mean_over_requests,
@@ -32,6 +31,7 @@ from rledit.evaluation.scoring import (
     swapped_targets,
     text_rows,
 )
+from rledit.pipeline import cpu_threads
 
 BIG = 100.0  # logits at positions that must be ignored (prompt, padding)
 
