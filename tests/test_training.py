@@ -60,6 +60,8 @@ def weights_of(editable):
 def direct_gradient(editor, model, modules, editable, steps, objective):
     """Reference: every loss of a step summed in one graph through the editor, backward once."""
     ledger = UpdateLedger(weights_of(editable))
+    with torch.no_grad():
+        unedited = [forward_logits(model, s.locality) for s in steps]
     for t, batch in enumerate(steps):
         update = editor.predict_update(model, modules, batch.edit)
         weight = objective.discount ** t / len(steps)
@@ -72,6 +74,8 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
                     total = total + w * target_nll(forward_logits(model, b), b.labels)
             with torch.no_grad():
                 base = forward_logits(model, past.locality)
+            if objective.locality_reference == "original":
+                base = unedited[t - j]
             with functional_update(modules, update):
                 total = total + w * objective.locality_weight * locality_kl(
                     base, forward_logits(model, past.locality), past.locality.labels)
@@ -82,11 +86,12 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
     return {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 256, 5])
-def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows):
+@pytest.mark.parametrize(("chunk_rows", "reference"),
+                         [(None, "previous"), (256, "previous"), (5, "previous"), (None, "original"), (5, "original")])
+def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows, reference):
     model, editable, modules, steps, editor = setup
     objective = Objective(back_depth=2, decay=0.9, discount=0.95, locality_weight=0.5, norm_penalty=1e-2,
-                          chunk_rows=chunk_rows)
+                          chunk_rows=chunk_rows, locality_reference=reference)
     before = {n: p.clone() for n, p in model.named_parameters()}
     staged_editor, direct_editor = copy.deepcopy(editor), copy.deepcopy(editor)
     stats = rollout(staged_editor, model, modules, UpdateLedger(weights_of(editable)), steps, objective)

@@ -39,14 +39,26 @@ def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: 
     return F.kl_div(edited_logp, base_logp, log_target=True, reduction="batchmean")
 
 
-def weighted_locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor,
+def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities at the scored positions, row-major: (number of scored positions, vocab).
+
+    Only these positions enter a locality loss, so a reference distribution kept for later steps costs
+    a few rows per prompt instead of the whole sequence's logits.
+    """
+    logits, _, mask = shifted(logits, labels)
+    return logits[mask].float().log_softmax(-1)
+
+
+def weighted_locality_kl(base_logp: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor,
                          row_weight: torch.Tensor) -> torch.Tensor:
-    """sum over rows of row_weight x (summed KL(p_base || p_edited) over the row's answer positions)."""
-    base, _, mask = shifted(base_logits, labels)
-    edited, _, _ = shifted(edited_logits, labels)
-    base_logp, edited_logp = base.float().log_softmax(-1), edited.float().log_softmax(-1)
+    """sum over rows of row_weight x (summed KL(p_base || p_edited) over the row's answer positions).
+
+    `base_logp` is `answer_log_probs` of the reference model on the same rows.
+    """
+    _, _, mask = shifted(edited_logits, labels)
+    edited_logp = answer_log_probs(edited_logits, labels)
     kl = (base_logp.exp() * (base_logp - edited_logp)).sum(-1)
-    return ((kl * mask).sum(-1) * row_weight).sum()
+    return (kl * row_weight[:, None].expand_as(mask)[mask]).sum()
 
 
 def forward_logits(model: nn.Module, batch) -> torch.Tensor:

@@ -32,7 +32,9 @@ class EditSession:
         """Predict and commit the update for `batch`; a refused update leaves the model unchanged."""
         update = self.predict(batch)
         self.ledger.commit(update)
+        self.editor.committed()
         return update
 
     def revert(self, k: int | None = None) -> None:
         self.ledger.revert(k)
+        self.editor.reverted(k)

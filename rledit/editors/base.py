@@ -47,6 +47,12 @@ class Editor(nn.Module, ABC):
     def update_from_factors(self, factors: Mapping[str, CapturedFactors]) -> FactoredUpdate:
         """Turn captured factors into a factored update (differentiable in the editor's parameters)."""
 
+    def committed(self) -> None:
+        """The update last predicted was committed. Editors that remember earlier edits record it here."""
+
+    def reverted(self, k: int | None = None) -> None:
+        """The last `k` commits (None: all of them) were reverted; forget what they recorded."""
+
     def extra_config(self) -> dict:
         """Constructor arguments beyond module_shapes and capture_tokens, to rebuild the editor."""
         return {}

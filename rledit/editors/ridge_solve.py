@@ -4,6 +4,10 @@ Find S minimising ||K S - D||^2 + e^lambda ||S||^2 and apply W <- W + S^T. By th
 S = (K^T K + e^lambda I)^-1 K^T D = K^T (K K^T + e^lambda I)^-1 D. The dual form solves an N x N system
 and is already factored (P = (K K^T + e^lambda I)^-1 D, Q = K); the primal form solves a d_in x d_in one
 (P = S, Q = I), cheaper once N >= d_in. Both solve in fp32 (fp64 when given fp64) by Cholesky, with jitter if needed.
+
+With a memory M of earlier edits' keys (a d_in x d_in Gram matrix) the regulariser becomes R = e^lambda I + M:
+the update then also keeps the outputs of the keys earlier edits wrote. Still rank N:
+S = R^-1 K^T (K R^-1 K^T + I)^-1 D, so P = (K R^-1 K^T + I)^-1 D and Q = K R^-1.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_update(keys: torch.Tensor, value_shifts: torch.Tensor, ridge: torch.Tensor,
-                 form: str = "auto") -> ModuleUpdate:
+                 form: str = "auto", memory: torch.Tensor | None = None) -> ModuleUpdate:
     """The factored update S^T for keys K (N x d_in), shifts D (N x d_out) and ridge e^lambda (a scalar).
 
-    form: "dual", "primal" or "auto" (dual when N < d_in).
+    form: "dual", "primal" or "auto" (dual when N < d_in); ignored when a key `memory` (d_in x d_in) is given.
     """
     dtype = torch.promote_types(keys.dtype, torch.float32)
     K, D = keys.to(dtype), value_shifts.to(dtype)
     n, d_in = K.shape
+    if memory is not None:
+        R = memory.to(dtype) + ridge * torch.eye(d_in, dtype=K.dtype, device=K.device)
+        Q = _spd_solve(R, K.T).T
+        return ModuleUpdate(P=_spd_solve(Q @ K.T + torch.eye(n, dtype=K.dtype, device=K.device), D), Q=Q)
     if form == "auto":
         form = "dual" if n < d_in else "primal"
     if form == "dual":

@@ -1,9 +1,11 @@
 """Policy-gradient rollout of one edit sequence (RLEdit), with the one-step objective as its T=1, k=1 case.
 
 At step t the editor sees the committed weights W_{t-1} and batch E_t and acts with dW_t. The reward is
-r_t = -[ sum_{j<k} mu^j (L_gen(E_{t-j}; W_{t-1}+dW_t) + c_loc L_loc(E_{t-j}; W_{t-1}, W_{t-1}+dW_t))
+r_t = -[ sum_{j<k} mu^j (L_gen(E_{t-j}; W_{t-1}+dW_t) + c_loc L_loc(E_{t-j}; W_ref, W_{t-1}+dW_t))
         + eta ||dW_t||_F^2 ],
-and the editor maximizes sum_t gamma^t r_t. Earlier weights are state: each dW_t is committed (detached)
+and the editor maximizes sum_t gamma^t r_t. The locality reference W_ref is W_{t-1} (DESIGN, the paper:
+the damage this step adds) or W_0 (`locality_reference="original"`: the damage of the whole sequence so far,
+which is what a lifelong evaluation against the unedited model measures). Earlier weights are state: each dW_t is committed (detached)
 before the next step, and the original weights are restored at the end.
 
 Memory stays flat in k through a two-stage backward: the factors of dW_t are copied into leaves, every
@@ -24,12 +26,13 @@ from torch import nn
 from rledit.data.collate import IGNORE_INDEX, EditBatch, TokenizedBatch
 from rledit.editing.functional import functional_update
 from rledit.editing.ledger import UpdateLedger
-from rledit.editing.losses import forward_logits, weighted_locality_kl, weighted_target_nll
+from rledit.editing.losses import answer_log_probs, forward_logits, weighted_locality_kl, weighted_target_nll
 from rledit.editing.update import FactoredUpdate, ModuleUpdate
 from rledit.editors.base import Editor
 from rledit.errors import ConfigError
 
 GEN_PROMPTS = ("edit", "rephrase")
+LOCALITY_REFERENCES = ("previous", "original")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Objective:
     locality_weight: float = 1.0  # c_loc
     norm_penalty: float = 0.0     # eta in front of ||dW_t||_F^2 (a real gradient, through the factors)
     gen_prompts: tuple[str, ...] = GEN_PROMPTS
+    locality_reference: str = "previous"  # KL against W_{t-1} ("previous") or the unedited W_0 ("original")
     chunk_rows: int | None = None  # rows per LLM pass when scoring; None: the current batch's rows (memory flat in k)
 
     def __post_init__(self):
@@ -52,6 +56,9 @@ class Objective:
         unknown = set(self.gen_prompts) - set(GEN_PROMPTS)
         if unknown or not self.gen_prompts:
             raise ConfigError(f"objective: gen_prompts={list(self.gen_prompts)}: choose from {list(GEN_PROMPTS)}")
+        if self.locality_reference not in LOCALITY_REFERENCES:
+            raise ConfigError(f"objective: locality_reference={self.locality_reference!r}: choose from "
+                              f"{list(LOCALITY_REFERENCES)}")
 
 
 @dataclass
@@ -86,14 +93,20 @@ def _through_editor(update: FactoredUpdate, leaves: FactoredUpdate) -> None:
         torch.autograd.backward(outputs, grads)
 
 
+def _look_back(t: int, objective: Objective) -> range:
+    """The steps whose batches step t's reward scores: t, t-1, ..., t-k+1 (never before 0)."""
+    return range(t, max(t - objective.back_depth, -1), -1)
+
+
 def _scored_rows(steps: Sequence[EditBatch], t: int, objective: Objective, kinds: Sequence[str],
                  step_weight: float) -> tuple[TokenizedBatch, torch.Tensor] | None:
     """All rows step t's reward scores for `kinds`, stacked, with per-row weights chosen so that the sum of
     weighted row sums is sum_j step_weight * mu^j * (mean loss over the target tokens of each batch)."""
     parts, weights = [], []
-    for j in range(min(objective.back_depth, t + 1)):
+    for i in _look_back(t, objective):
+        j = t - i
         for kind in kinds:
-            batch = getattr(steps[t - j], kind)
+            batch = getattr(steps[i], kind)
             if batch.num_rows == 0:
                 continue
             n_tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
@@ -103,13 +116,41 @@ def _scored_rows(steps: Sequence[EditBatch], t: int, objective: Objective, kinds
     return (TokenizedBatch.concat(parts), torch.cat(weights)) if parts else None
 
 
-def _chunks(rows: TokenizedBatch, weights: torch.Tensor, size: int | None, current: EditBatch,
-            kinds: Sequence[str]):
-    """Chunks of `size` rows; by default as many rows as the current step's own batches of `kinds` have,
-    so a pass is never larger than at back_depth 1."""
-    size = size or max(1, sum(getattr(current, kind).num_rows for kind in kinds))
+def _chunk_size(objective: Objective, current: EditBatch, kinds: Sequence[str]) -> int:
+    """`chunk_rows`, by default as many rows as the current step's own batches of `kinds` have, so a pass
+    is never larger than at back_depth 1."""
+    return objective.chunk_rows or max(1, sum(getattr(current, kind).num_rows for kind in kinds))
+
+
+def _chunks(rows: TokenizedBatch, weights: torch.Tensor, size: int):
+    """Consecutive chunks of `size` rows with their weights."""
     for start in range(0, rows.num_rows, size):
         yield rows.rows(start, start + size), weights[start:start + size]
+
+
+def _original_locality(model: nn.Module, steps: Sequence[EditBatch]) -> list[torch.Tensor]:
+    """Each step's locality answer distributions under the unedited weights (before any commit)."""
+    with torch.no_grad():
+        return [answer_log_probs(forward_logits(model, s.locality), s.locality.labels) if s.locality.num_rows
+                else None for s in steps]
+
+
+def _locality_chunks(model: nn.Module, loc: tuple[TokenizedBatch, torch.Tensor], size: int,
+                     original: list[torch.Tensor | None] | None, look_back: range):
+    """Chunks of the scored locality rows with their weights and reference answer distributions: the
+    unedited model's (`original`, computed before the sequence) or else the committed weights' (now)."""
+    rows, weights = loc
+    if original is not None:
+        reference = torch.cat([original[i] for i in look_back if original[i] is not None])
+        per_row = (rows.labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
+    for start, (chunk, chunk_weights) in zip(range(0, rows.num_rows, size), _chunks(rows, weights, size)):
+        if original is not None:
+            first = sum(per_row[:start])
+            base = reference[first:first + sum(per_row[start:start + size])]
+        else:
+            with torch.no_grad():
+                base = answer_log_probs(forward_logits(model, chunk), chunk.labels)
+        yield chunk, chunk_weights, base
 
 
 def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], ledger: UpdateLedger,
@@ -125,6 +166,8 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
         raise RuntimeError("rollout needs the original weights: the ledger already holds commits")
     stats = RolloutStats()
     gen_mass = loc_mass = 0.0
+    original = _original_locality(model, steps) if objective.locality_reference == "original" \
+        and objective.locality_weight > 0 else None
     try:
         for t, batch in enumerate(steps):
             update = editor.predict_update(model, modules, batch.edit)
@@ -133,7 +176,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
             mass = step_weight * sum(objective.decay ** j for j in range(min(objective.back_depth, t + 1)))
 
             gen = _scored_rows(steps, t, objective, objective.gen_prompts, step_weight)
-            for chunk, weights in _chunks(*gen, objective.chunk_rows, batch, objective.gen_prompts) if gen else ():
+            for chunk, weights in _chunks(*gen, _chunk_size(objective, batch, objective.gen_prompts)) if gen else ():
                 with functional_update(modules, leaves):
                     loss = weighted_target_nll(forward_logits(model, chunk), chunk.labels, weights)
                 loss.backward()
@@ -143,9 +186,8 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
 
             loc = _scored_rows(steps, t, objective, ("locality",), step_weight) \
                 if objective.locality_weight > 0 else None
-            for chunk, weights in _chunks(*loc, objective.chunk_rows, batch, ("locality",)) if loc else ():
-                with torch.no_grad():
-                    base = forward_logits(model, chunk)
+            for chunk, weights, base in _locality_chunks(model, loc, _chunk_size(objective, batch, ("locality",)),
+                                                         original, _look_back(t, objective)) if loc else ():
                 with functional_update(modules, leaves):
                     loss = weighted_locality_kl(base, forward_logits(model, chunk), chunk.labels, weights)
                 (objective.locality_weight * loss).backward()
@@ -163,10 +205,12 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
                 norm = math.sqrt(float(u.detach().frobenius_sq()))
                 stats.update_norms[name] = stats.update_norms.get(name, 0.0) + norm / len(steps)
             ledger.commit({name: u.detach() for name, u in update.items()})
+            editor.committed()
             if on_step is not None:
                 on_step(t)
     finally:
         ledger.revert()
+        editor.reverted()
     stats.ret -= stats.gen_loss + objective.locality_weight * stats.loc_loss
     stats.gen_loss /= max(gen_mass, 1e-12)
     stats.loc_loss /= max(loc_mass, 1e-12)

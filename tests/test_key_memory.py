@@ -1,0 +1,85 @@
+"""Ridge editors' memory of earlier edits: the solve it implies, that it keeps earlier keys, exact revert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rledit.data.collate import EditCollator
+from rledit.editing.session import EditSession
+from rledit.editors.key_memory import KeyMemory
+from rledit.editors.ridge_solve import ridge_update
+from rledit.editors.training_free import TrainingFreeEditor
+from rledit.errors import EditRefusedError
+from rledit.models.layers import resolve_edit_modules
+
+SPEC = "model.layers.{1-2}.mlp.{gate_proj,up_proj}"
+
+
+def test_ridge_with_memory_equals_the_regularised_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    K, D = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    past = torch.randn(15, 10, generator=g, dtype=torch.float64)
+    memory, ridge = 0.7 * past.T @ past, torch.tensor(0.3, dtype=torch.float64)
+    expected = torch.linalg.solve(K.T @ K + ridge * torch.eye(10, dtype=torch.float64) + memory, K.T @ D).T
+    update = ridge_update(K, D, ridge, memory=memory)
+    assert update.Q.shape == (6, 10)  # still rank N: factored as (K R^-1 K^T + I)^-1 D and K R^-1
+    assert (update.dense().double() - expected).norm() / expected.norm() < 1e-5  # dense() is fp32
+
+
+@pytest.fixture(scope="module")
+def memory_setup(small_world_model, small_edit_requests):
+    editable = resolve_edit_modules(small_world_model.model, SPEC)
+    shapes = {name: (em.d_out, em.d_in) for name, em in editable.items()}
+    collate = EditCollator(small_world_model.tokenizer)
+    batches = [collate(small_edit_requests[i:i + 5]).edit for i in range(0, 15, 5)]
+    return small_world_model.model, editable, shapes, batches
+
+
+@pytest.mark.parametrize("weight, keeps", [(1e4, True), (1e-6, False)])
+def test_a_strong_memory_keeps_the_outputs_at_earlier_keys(memory_setup, weight, keeps):
+    model, editable, shapes, batches = memory_setup
+    editor = TrainingFreeEditor(shapes, edit_memory=weight)
+    session = EditSession(model, editable, editor)
+    try:
+        session.edit(batches[0])
+        first_keys = dict(editor.key_memory.steps[0])
+        update = session.edit(batches[1])
+        second_keys = editor.key_memory.steps[1]
+        for name, u in update.items():
+            dense = u.dense().T.float()
+            at_first = (first_keys[name].float() @ dense).norm()
+            at_second = (second_keys[name].float() @ dense).norm()
+            assert (at_first < 0.05 * at_second) == keeps, name
+    finally:
+        session.revert()
+
+
+def test_memory_reverts_exactly_and_ignores_refused_edits(memory_setup):
+    model, editable, shapes, batches = memory_setup
+    editor = TrainingFreeEditor(shapes, edit_memory=0.5)
+    session = EditSession(model, editable, editor)
+    try:
+        session.edit(batches[0])
+        session.edit(batches[1])
+        after_two = {n: g.clone() for n, g in editor.key_memory.gram.items()}
+        session.edit(batches[2])
+        name = next(iter(shapes))
+        assert not torch.allclose(editor.key_memory.gram[name], after_two[name])
+        session.revert(1)
+        assert len(editor.key_memory.steps) == 2
+        for n, gram in editor.key_memory.gram.items():
+            torch.testing.assert_close(gram, after_two[n], rtol=1e-5, atol=1e-5)
+        editor.bank.set_log_eta(name, float("nan"))
+        with pytest.raises(EditRefusedError):
+            session.edit(batches[2])
+        assert len(editor.key_memory.steps) == 2
+        session.revert()
+        assert editor.key_memory.steps == [] and editor.key_memory.gram == {}
+    finally:
+        session.revert()
+
+
+def test_memory_weight_must_be_positive():
+    with pytest.raises(ValueError, match="weight"):
+        KeyMemory(0.0)
