@@ -22,6 +22,7 @@ class EditSession:
         self.editable = dict(editable)
         self.modules = {name: em.module for name, em in self.editable.items()}
         self.ledger = UpdateLedger({name: em.weight_view() for name, em in self.editable.items()}, backend)
+        editor.reverted()  # a new edit sequence starts from these weights
 
     def predict(self, batch) -> FactoredUpdate:
         """The editor's update for `batch` on the current weights (no graph kept into the editor)."""

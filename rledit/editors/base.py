@@ -51,7 +51,8 @@ class Editor(nn.Module, ABC):
         """The update last predicted was committed. Editors that remember earlier edits record it here."""
 
     def reverted(self, k: int | None = None) -> None:
-        """The last `k` commits (None: all of them) were reverted; forget what they recorded."""
+        """The last `k` commits were reverted; None: all of them, the weights are the originals and a new
+        edit sequence starts (also said when a session or a training rollout begins)."""
 
     def extra_config(self) -> dict:
         """Constructor arguments beyond module_shapes and capture_tokens, to rebuild the editor."""

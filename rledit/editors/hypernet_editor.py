@@ -21,6 +21,11 @@ class HypernetEditor(Editor):
     factors: the untrained editor shifts each module's outputs by about `init_shift` times their norm,
     so it already makes a real edit on the model at hand whatever that model's scale; training refines
     them.
+
+    `norm_per_sequence` starts the normalizer's statistics empty for every edit sequence (each training
+    rollout, each evaluation session) instead of carrying them over from training: a trained editor then
+    normalizes at test time exactly as it did in training, where statistics saturated by thousands of
+    training edits would no longer follow the drift of a long edit sequence.
     """
 
     trainable = True
@@ -28,10 +33,11 @@ class HypernetEditor(Editor):
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
-                 init_shift: float = 1.0):
+                 init_shift: float = 1.0, norm_per_sequence: bool = False):
         super().__init__(module_shapes, capture_tokens)
         self.hparams = {"rank": rank, "n_blocks": n_blocks, "normalize": normalize,
-                        "lifelong_norm": lifelong_norm, "init_shift": init_shift}
+                        "lifelong_norm": lifelong_norm, "init_shift": init_shift,
+                        "norm_per_sequence": norm_per_sequence}
         self.bank = HyperNetworkBank(self.module_shapes, net=self.net_kind, rank=rank, n_blocks=n_blocks,
                                      normalize=normalize, update_during_edit=lifelong_norm)
         self.register_buffer("calibrated", torch.tensor(False))
@@ -48,6 +54,12 @@ class HypernetEditor(Editor):
             update[name] = self.aggregate(name, f, keys_t, grads_t)
         self.calibrated.fill_(True)
         return update
+
+    def reverted(self, k: int | None = None) -> None:
+        super().reverted(k)
+        if k is None and self.hparams["norm_per_sequence"]:
+            for normalizer in self.bank.normalizers.values():
+                normalizer.reset()
 
     @torch.no_grad()
     def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:

@@ -28,6 +28,12 @@ class RunningNormalizer(nn.Module):
         self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(dim, dtype=torch.float64))
 
+    def reset(self) -> None:
+        """Forget every observation."""
+        self.count.zero_()
+        self.mean.zero_()
+        self.m2.zero_()
+
     def _check(self, z: torch.Tensor, mask: torch.Tensor | None) -> None:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"RunningNormalizer expects a (N, {self.dim}) batch, got shape {tuple(z.shape)}")

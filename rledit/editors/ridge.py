@@ -25,8 +25,10 @@ class RidgeEditor(HypernetEditor):
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
-                 init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0):
-        super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift)
+                 init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0,
+                 norm_per_sequence: bool = False):
+        super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
+                         norm_per_sequence)
         self.hparams.update(init_ridge=init_ridge, edit_memory=edit_memory)
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
 
@@ -50,5 +52,6 @@ class RidgeEditor(HypernetEditor):
             self.key_memory.commit()
 
     def reverted(self, k: int | None = None) -> None:
+        super().reverted(k)
         if self.key_memory is not None:
             self.key_memory.revert(k)

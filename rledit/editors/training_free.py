@@ -14,10 +14,10 @@ class TrainingFreeEditor(RidgeEditor):
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
                  normalize: bool = True, lifelong_norm: bool = True, init_shift: float = 1.0,
-                 init_ridge: float = 0.1, edit_memory: float = 0.0):
+                 init_ridge: float = 0.1, edit_memory: float = 0.0, norm_per_sequence: bool = False):
         super().__init__(module_shapes, capture_tokens, rank=1, n_blocks=0, normalize=normalize,
                          lifelong_norm=lifelong_norm, init_shift=init_shift, init_ridge=init_ridge,
-                         edit_memory=edit_memory)
+                         edit_memory=edit_memory, norm_per_sequence=norm_per_sequence)
         self.requires_grad_(False)
 
     def extra_config(self) -> dict:

@@ -166,6 +166,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
         raise RuntimeError("rollout needs the original weights: the ledger already holds commits")
     stats = RolloutStats()
     gen_mass = loc_mass = 0.0
+    editor.reverted()  # a new sequence: no memory of an earlier one
     original = _original_locality(model, steps) if objective.locality_reference == "original" \
         and objective.locality_weight > 0 else None
     try:

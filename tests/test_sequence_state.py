@@ -1,4 +1,5 @@
-"""Ridge editors' memory of earlier edits: the solve it implies, that it keeps earlier keys, exact revert."""
+"""State an editor keeps within one edit sequence: the ridge editors' memory of earlier edits (the solve it
+implies, that it keeps earlier keys, exact revert) and per-sequence normalizer statistics."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from rledit.data.collate import EditCollator
 from rledit.editing.session import EditSession
 from rledit.editors.key_memory import KeyMemory
+from rledit.editors.rledit import RLEditEditor
 from rledit.editors.ridge_solve import ridge_update
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
@@ -83,3 +85,23 @@ def test_memory_reverts_exactly_and_ignores_refused_edits(memory_setup):
 def test_memory_weight_must_be_positive():
     with pytest.raises(ValueError, match="weight"):
         KeyMemory(0.0)
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_normalizer_statistics_start_empty_for_each_sequence_only_when_asked(memory_setup, per_sequence):
+    model, editable, shapes, batches = memory_setup
+    editor = RLEditEditor(shapes, rank=8, norm_per_sequence=per_sequence)
+    normalizer = next(iter(editor.bank.normalizers.values()))
+    session = EditSession(model, editable, editor)
+    session.edit(batches[0])
+    first = int(normalizer.count)
+    session.edit(batches[1])
+    seen = int(normalizer.count)
+    session.revert(1)
+    assert int(normalizer.count) == seen  # a partial revert keeps the sequence going
+    session.revert()
+    assert int(normalizer.count) == (0 if per_sequence else seen)
+    again = EditSession(model, editable, editor)
+    again.edit(batches[0])
+    again.revert(1)
+    assert int(normalizer.count) == (first if per_sequence else seen + first)
