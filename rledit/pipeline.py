@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rledit.data.collate import EditCollator
 from rledit.data.sources import EditData
 from rledit.editors.base import Editor
-from rledit.errors import ConfigError
+from rledit.errors import ConfigError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 from rledit.training.rollout import Objective
 
@@ -42,9 +43,23 @@ class Experiment:
 def build_experiment(cfg: DictConfig) -> Experiment:
     loaded = instantiate(cfg.model.load)
     editable = resolve_edit_modules(loaded.model, list(cfg.model.edit_modules))
-    data = instantiate(cfg.data.records)(loaded)
-    collator = EditCollator(loaded.tokenizer, max_length=cfg.model.get("max_length"))
+    max_length = row_length_limit(cfg.model.get("max_length"), loaded.model)
+    collator = EditCollator(loaded.tokenizer, max_length=max_length)
+    data = instantiate(cfg.data.records)(loaded, collator)
     return Experiment(loaded, editable, data, collator)
+
+
+def row_length_limit(max_length: int | None, model: torch.nn.Module) -> int | None:
+    """The longest prompt + target row to allow: model.max_length, never more than the model's context.
+
+    Without this bound a too-long record would fail deep inside the model (or silently run past the
+    positions it was trained on) in the middle of a run instead of being refused when the data is loaded.
+    """
+    context = getattr(model.config, "max_position_embeddings", None)
+    if max_length is not None and context is not None and max_length > context:
+        raise ConfigError(f"model.max_length={max_length} is longer than the model's context "
+                          f"(max_position_embeddings={context})")
+    return max_length if max_length is not None else context
 
 
 def build_editor(cfg: DictConfig, experiment: Experiment) -> Editor:
@@ -71,25 +86,52 @@ def editor_checkpoint(editor: Editor, cfg: DictConfig) -> dict:
 
 
 def load_editor_checkpoint(path: str, experiment: Experiment) -> tuple[Editor, dict]:
-    """Rebuild an editor from `editor.ckpt` (loaded with weights_only=True) and check it fits the model."""
+    """Rebuild an editor from `editor.ckpt` (loaded with weights_only=True) and check it fits the model.
+
+    Every way a checkpoint can fail to fit (not loadable safely, not an editor checkpoint, trained for
+    other modules or shapes, options or state this version's editor does not take) is a ConfigError
+    naming the checkpoint, raised before the editor touches the model.
+    """
+    ckpt = _read_editor_checkpoint(path)
+    saved = {name: tuple(shape) for name, shape in ckpt["editor_config"]["module_shapes"].items()}
+    if saved != experiment.module_shapes:
+        raise ConfigError(f"checkpoint={path} was trained for modules {saved} of model {ckpt['model']!r}, "
+                          f"but this model's edited modules are {experiment.module_shapes}")
+    editor_class = ckpt["editor_class"]
+    try:
+        cls = get_class(editor_class) if editor_class.startswith("rledit.editors.") else None
+    except (ImportError, ValueError):
+        cls = None
+    if cls is None or not issubclass(cls, Editor):
+        raise ConfigError(f"checkpoint={path} names editor class {editor_class!r}, "
+                          "which is not an rledit editor")
+    options = dict(ckpt["editor_config"])
+    shapes = {name: tuple(shape) for name, shape in options.pop("module_shapes").items()}
+    try:
+        editor = cls(shapes, **options)
+        editor.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError, RleditError) as exc:  # unknown options; missing, extra, misshapen state
+        raise ConfigError(f"checkpoint={path} does not fit {editor_class} with options {options}: "
+                          f"{exc}") from exc
+    return editor.to(next(experiment.model.parameters()).device), ckpt
+
+
+def _read_editor_checkpoint(path: str) -> dict:
+    """The checkpoint's dict, read with weights_only=True (tensors and plain containers only, no code)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ConfigError(f"checkpoint={path}: no such file (train one with `python train.py`)") from exc
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint={path} cannot be loaded with weights_only=True (it holds objects "
+                          f"other than tensors and plain containers, or is damaged): {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != EDITOR_CHECKPOINT_FORMAT:
         raise ConfigError(f"checkpoint={path} is not an rledit editor checkpoint")
-    saved = {name: tuple(shape) for name, shape in ckpt["editor_config"]["module_shapes"].items()}
-    if saved != experiment.module_shapes:
-        raise ConfigError(f"checkpoint={path} was trained for modules {saved} of model {ckpt['model']!r}, but "
-                          f"this model's edited modules are {experiment.module_shapes}")
-    editor_class = ckpt["editor_class"]
-    if not editor_class.startswith("rledit.editors.") or not issubclass(get_class(editor_class), Editor):
-        raise ConfigError(f"checkpoint={path} names editor class {editor_class!r}, which is not an rledit editor")
-    options = dict(ckpt["editor_config"])
-    shapes = {name: tuple(shape) for name, shape in options.pop("module_shapes").items()}
-    editor = get_class(editor_class)(shapes, **options)
-    editor.load_state_dict(ckpt["state_dict"])
-    return editor.to(next(experiment.model.parameters()).device), ckpt
+    missing = [key for key in ("editor_class", "editor_config", "state_dict", "model") if key not in ckpt]
+    if missing or "module_shapes" not in ckpt["editor_config"]:
+        raise ConfigError(f"checkpoint={path} is an incomplete editor checkpoint "
+                          f"(missing {', '.join(missing) or 'editor_config.module_shapes'})")
+    return ckpt
 
 
 @contextmanager

@@ -124,6 +124,24 @@ class EditCollator:
             raise ConfigError(f"max_length must be >= 2 (a prompt and a target token), got {max_length}")
         self.tokenizer, self.max_length, self.padding_side = tokenizer, max_length, padding_side
 
+    def row_problems(self, records: Sequence[EditRecord]) -> list[tuple[str, str] | None]:
+        """For each record, its first row that cannot be collated, as (field, problem), or None.
+
+        A row cannot be collated when its prompt or target has no tokens or prompt + target are longer than
+        max_length. All records go through the tokenizer together, so loading can afford to check every
+        record and refuse or skip the bad ones before any edit is made.
+        """
+        pairs = [pair for rows_of in (_edit_pairs, _rephrase_pairs, _locality_pairs, _true_pairs)
+                 for pair in rows_of(records)]
+        problems: list[tuple[str, str] | None] = [None] * len(records)
+        if not pairs:
+            return problems
+        for pair, prompt, target in zip(pairs, *self._encode(pairs), strict=True):
+            problem = self._length_problem(pair, len(prompt), len(target))
+            if problem is not None and problems[pair.request_index] is None:
+                problems[pair.request_index] = (pair.field, problem)
+        return problems
+
     def __call__(self, records: Sequence[EditRecord]) -> EditBatch:
         return EditBatch(records=list(records), edit=self._tokenize(_edit_pairs(records)),
                          rephrase=self._tokenize(_rephrase_pairs(records)),
@@ -135,10 +153,11 @@ class EditCollator:
         if not pairs:
             empty = torch.zeros((0, 0), dtype=torch.long)
             return TokenizedBatch(empty, empty, empty, empty.bool(), torch.zeros(0, dtype=torch.long))
-        prompt_ids = self.tokenizer([p.prompt for p in pairs])["input_ids"]
-        target_ids = self.tokenizer([" " + p.target for p in pairs], add_special_tokens=False)["input_ids"]
+        prompt_ids, target_ids = self._encode(pairs)
         for pair, prompt, target in zip(pairs, prompt_ids, target_ids, strict=True):
-            self._check_lengths(pair, len(prompt), len(target))
+            problem = self._length_problem(pair, len(prompt), len(target))
+            if problem is not None:
+                raise DataError(f"record {pair.record_id!r}, field '{pair.field}': {problem}")
 
         length = max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids, strict=True))
         input_ids = torch.full((len(pairs), length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -155,13 +174,20 @@ class EditCollator:
         request_index = torch.tensor([p.request_index for p in pairs], dtype=torch.long)
         return TokenizedBatch(input_ids, attention_mask, labels, target_mask, request_index)
 
-    def _check_lengths(self, pair: _Pair, prompt_length: int, target_length: int) -> None:
-        where = f"record {pair.record_id!r}, field '{pair.field}'"
+    def _encode(self, pairs: Sequence[_Pair]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of the prompts (with the tokenizer's default special tokens) and targets (none)."""
+        prompt_ids = self.tokenizer([p.prompt for p in pairs])["input_ids"]
+        target_ids = self.tokenizer([" " + p.target for p in pairs], add_special_tokens=False)["input_ids"]
+        return prompt_ids, target_ids
+
+    def _length_problem(self, pair: _Pair, prompt_length: int, target_length: int) -> str | None:
+        """What makes a row unusable, or None."""
         if prompt_length == 0:
-            raise DataError(f"{where}: prompt {pair.prompt!r} tokenizes to no tokens, so nothing predicts "
-                            "the first target token")
+            return (f"prompt {pair.prompt!r} tokenizes to no tokens, "
+                    "so nothing predicts the first target token")
         if target_length == 0:
-            raise DataError(f"{where}: target {pair.target!r} tokenizes to no tokens")
+            return f"target {pair.target!r} tokenizes to no tokens"
         if self.max_length is not None and prompt_length + target_length > self.max_length:
-            raise DataError(f"{where}: prompt + target are {prompt_length + target_length} tokens, more than "
-                            f"max_length={self.max_length}")
+            return (f"prompt + target are {prompt_length + target_length} tokens, "
+                    f"more than max_length={self.max_length}")
+        return None

@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,11 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
+RecordsCheck = Callable[[Sequence[EditRecord]], list[tuple[str, str] | None]]
+"""Says of each record what makes it unusable, as (field, problem), or None (EditCollator.row_problems)."""
+CHECK_CHUNK = 1024  # rows adapted and checked together: checks such as tokenization are much faster batched
+
+
 class SkippedRecordWarning(UserWarning):
     """A bad record was left out because loading ran with on_bad_record="skip"."""
 
@@ -39,12 +45,14 @@ class LoadedRecords:
 
 
 def load_records(source: str | Path, *, split: str = "train", dialect: str = "auto", limit: int | None = None,
-                 on_bad_record: Literal["error", "skip"] = "error") -> LoadedRecords:
+                 on_bad_record: Literal["error", "skip"] = "error",
+                 check: RecordsCheck | None = None) -> LoadedRecords:
     """Load up to `limit` edit records from a .json/.jsonl file, else a Hub dataset id (or dataset folder).
 
     The dialect is detected once from the first record (unless given) and every record is validated against
-    it. A bad record (or a duplicate record id) raises a DataError, or with on_bad_record="skip" is left out
-    with a SkippedRecordWarning naming it.
+    it, then given to `check` (for example the collator's, which refuses prompts longer than the model's
+    context). A bad record (or a duplicate record id) raises a DataError, or with on_bad_record="skip" is
+    left out with a SkippedRecordWarning naming it.
     """
     if on_bad_record not in ("error", "skip"):
         raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -58,24 +66,62 @@ def load_records(source: str | Path, *, split: str = "train", dialect: str = "au
     records: list[EditRecord] = []
     first_index_of_id: dict[str, int] = {}
     skipped = 0
-    for index, raw in enumerate(rows):
+    for index, outcome in _adapted_and_checked(rows, dialect, name, check):
         if limit is not None and len(records) >= limit:
             break
         try:
-            record = adapt_record(raw, dialect, source=name, index=index)
-            if record.record_id in first_index_of_id:
-                raise DataError(f"duplicate record id {record.record_id!r}, also used by record "
-                                f"{first_index_of_id[record.record_id]}", source=name, index=index,
-                                field=id_field(raw))
+            if isinstance(outcome, DataError):
+                raise outcome
+            if outcome.record_id in first_index_of_id:
+                raise DataError(f"duplicate record id {outcome.record_id!r}, also used by record "
+                                f"{first_index_of_id[outcome.record_id]}", source=name, index=index,
+                                field=id_field(rows[index]))
         except DataError as error:
             if on_bad_record == "error":
                 raise
             warnings.warn(f"skipping bad record: {error}", SkippedRecordWarning, stacklevel=2)
             skipped += 1
             continue
-        first_index_of_id[record.record_id] = index
-        records.append(record)
+        first_index_of_id[outcome.record_id] = index
+        records.append(outcome)
     return LoadedRecords(records=records, skipped=skipped, dialect=dialect, source=name)
+
+
+def check_records(records: Sequence[EditRecord], check: RecordsCheck, source: str) -> None:
+    """Raise a DataError naming `source`, the record and the field of the first record `check` refuses."""
+    for index, (record, problem) in enumerate(zip(records, check(records), strict=True)):
+        if problem is not None:
+            raise _refusal(record, problem, source, index)
+
+
+def _adapted_and_checked(rows: Sequence[Any], dialect: str, source: str,
+                         check: RecordsCheck | None) -> Iterator[tuple[int, EditRecord | DataError]]:
+    """(index, the row as an EditRecord or the DataError that says why it is unusable), CHECK_CHUNK rows at
+    a time: no more rows are adapted and checked than the caller reads."""
+    for start in range(0, len(rows), CHECK_CHUNK):
+        chunk = _checked_chunk(rows[start:start + CHECK_CHUNK], start, dialect, source, check)
+        yield from enumerate(chunk, start)
+
+
+def _checked_chunk(rows: Sequence[Any], first_index: int, dialect: str, source: str,
+                   check: RecordsCheck | None) -> list[EditRecord | DataError]:
+    outcomes: list[EditRecord | DataError] = []
+    for index, raw in enumerate(rows, first_index):
+        try:
+            outcomes.append(adapt_record(raw, dialect, source=source, index=index))
+        except DataError as error:
+            outcomes.append(error)
+    adapted = [(i, outcome) for i, outcome in enumerate(outcomes) if isinstance(outcome, EditRecord)]
+    if check is not None and adapted:
+        for (i, record), problem in zip(adapted, check([record for _, record in adapted]), strict=True):
+            if problem is not None:
+                outcomes[i] = _refusal(record, problem, source, first_index + i)
+    return outcomes
+
+
+def _refusal(record: EditRecord, problem: tuple[str, str], source: str, index: int) -> DataError:
+    field, message = problem
+    return DataError(f"{message} (record id {record.record_id!r})", source=source, index=index, field=field)
 
 
 def _resolve_dialect(dialect: str, first_row: Any, source: str) -> str:

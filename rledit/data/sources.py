@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rledit.data.loading import load_records
+from rledit.data.collate import EditCollator
+from rledit.data.loading import check_records, load_records
 from rledit.data.records import EditRecord
 from rledit.data.streams import split_records
 from rledit.errors import ConfigError
@@ -21,9 +22,12 @@ class EditData:
     skipped: int = 0
 
 
-def synthetic_records(loaded, eval_fraction: float = 0.5, locality_per_request: int = 3, seed: int = 0,
-                      heldout_sentences: int = 200) -> EditData:
-    """Counterfactual requests on the synthetic world the model was pretrained on; subjects split train/eval."""
+def synthetic_records(loaded, collator: EditCollator, eval_fraction: float = 0.5,
+                      locality_per_request: int = 3, seed: int = 0, heldout_sentences: int = 200) -> EditData:
+    """Counterfactual requests on the synthetic world the model was pretrained on; subjects split train/eval.
+
+    Every request is checked against `collator`: a max_length too short for the world's sentences fails here.
+    """
     world = getattr(loaded, "world", None)
     if world is None:
         raise ConfigError("data=synthetic edits the synthetic world's own model: use model=tiny "
@@ -33,18 +37,27 @@ def synthetic_records(loaded, eval_fraction: float = 0.5, locality_per_request: 
     def requests(subjects, request_seed):
         # Locality prompts ask true facts of the other side's subjects: those are never edited by this
         # side's stream, so their answers stay true however many of its requests are committed.
-        return world.edit_requests(subjects, seed=request_seed, locality_per_request=locality_per_request)
+        records = world.edit_requests(subjects, seed=request_seed, locality_per_request=locality_per_request)
+        check_records(records, collator.row_problems, "synthetic world")
+        return records
 
     return EditData(train=requests(split.train, seed), eval=requests(split.eval, seed + 1),
                     heldout_text=world.heldout_sentences(heldout_sentences, seed=seed))
 
 
-def file_records(loaded, train: str, eval: str | None = None, eval_size: int | None = None, seed: int = 0,
-                 dialect: str = "auto", on_bad_record: str = "error", limit: int | None = None) -> EditData:
-    """Requests from local JSON/JSONL files or Hub data sets; without an eval file, a seeded split of train."""
-    train_loaded = load_records(_existing_or_hub(train), dialect=dialect, on_bad_record=on_bad_record, limit=limit)
+def file_records(loaded, collator: EditCollator, train: str, eval: str | None = None,
+                 eval_size: int | None = None, seed: int = 0, dialect: str = "auto",
+                 on_bad_record: str = "error", limit: int | None = None) -> EditData:
+    """Requests from local JSON/JSONL files or Hub data sets; without an eval file, a seeded split of train.
+
+    Records `collator` cannot collate (prompt + target longer than the model's context, for one) are bad
+    records: refused with a DataError naming file, record and field, or skipped and counted.
+    """
+    train_loaded = load_records(_existing_or_hub(train), dialect=dialect, on_bad_record=on_bad_record,
+                                limit=limit, check=collator.row_problems)
     if eval is not None:
-        eval_loaded = load_records(_existing_or_hub(eval), dialect=dialect, on_bad_record=on_bad_record)
+        eval_loaded = load_records(_existing_or_hub(eval), dialect=dialect, on_bad_record=on_bad_record,
+                                   check=collator.row_problems)
         return EditData(train_loaded.records, eval_loaded.records,
                         skipped=train_loaded.skipped + eval_loaded.skipped)
     if eval_size is None:
