@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -37,12 +38,17 @@ def train(cfg: DictConfig) -> Path:
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
-                          callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True)])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
+                                  every_n_train_steps=training.checkpoint_every_n_steps)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=[checkpoints])
+    # The training stream is checkpointed with its position (EditStreamDataModule's loader), so resuming
+    # from any checkpoint, mid-epoch included, continues exactly where the interrupted run was.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
     path = run_dir / "editor.ckpt"
-    if trainer.is_global_zero:
-        torch.save(editor_checkpoint(editor, cfg), path)
+    if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        torch.save(editor_checkpoint(editor, cfg), partial)
+        os.replace(partial, path)
         print(f"editor checkpoint: {path}")
     return path
 

@@ -129,6 +129,40 @@ class EpochSequenceSampler(Sampler[int]):
         return self.sequences_per_epoch
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints mid-epoch, so a resumed run trains on exactly the stream an
+    uninterrupted one would.
+
+    Lightning stores `state_dict()` (the epoch and how many of its items were handed out) in every checkpoint
+    and gives it back through `load_state_dict` on resume; the resumed epoch then skips the items already
+    trained on. Iteration starts lazily, at the first item, because Lightning creates the resumed epoch's
+    iterator before it calls the sampler's `set_epoch`: an eager sampler would replay epoch 0.
+    """
+
+    position: tuple[int, int] = (0, 0)
+    """(epoch, items handed out) of the current iteration."""
+    resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, handed_out = self.position
+        return {"epoch": epoch, "handed_out": handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = (state["epoch"], state["handed_out"])
+
+    def __iter__(self) -> Iterator[list[EditBatch]]:
+        epoch = getattr(self.sampler, "epoch", 0)
+        resume_epoch, handed_out = self.resume_at or (epoch, 0)
+        skip = handed_out if resume_epoch == epoch else 0
+        self.resume_at, self.position = None, (epoch, skip)
+        items = super().__iter__()
+        for _ in range(skip):  # an item is a pure function of its sequence number: fetching it is harmless
+            next(items)
+        for position, item in enumerate(items, start=skip + 1):
+            self.position = (epoch, position)
+            yield item
+
+
 class EditStreamDataModule(LightningDataModule):
     """Training sequences of edit batches and the one fixed held-out evaluation sequence.
 
@@ -148,8 +182,8 @@ class EditStreamDataModule(LightningDataModule):
                                             role="evaluation")
         self.sampler = EpochSequenceSampler(sequences_per_epoch)
 
-    def train_dataloader(self) -> DataLoader[list[EditBatch]]:
-        return DataLoader(self.train_sequences, batch_size=None, sampler=self.sampler, num_workers=0)
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.train_sequences, batch_size=None, sampler=self.sampler, num_workers=0)
 
     def val_dataloader(self) -> DataLoader[list[EditBatch]]:
         return DataLoader(self.eval_sequences, batch_size=None, sampler=[0], num_workers=0)

@@ -160,10 +160,7 @@ def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_
     refused = 0
     try:
         for batch in batches:
-            try:
-                session.edit(batch.edit)
-            except EditRefusedError:
-                refused += 1
+            refused += not _edit_or_refuse(session, batch.edit)
         scorer = RequestScorer(model, chunk_rows)
         summary = RequestScores.concat([scorer.score(batch) for batch in batches]).summary()
     finally:
@@ -173,16 +170,29 @@ def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_
 
 
 def _timed_edit(session: EditSession, batch: EditBatch, device: torch.device) -> tuple[float, bool]:
-    """Seconds the editor takes to predict and commit one batch, and whether the ledger accepted it."""
+    """Seconds the editor takes to predict and commit one batch, and whether the step was accepted."""
     _synchronize(device)
     started = time.perf_counter()
-    try:
-        session.edit(batch.edit)
-        accepted = True
-    except EditRefusedError:
-        accepted = False
+    accepted = _edit_or_refuse(session, batch.edit)
     _synchronize(device)
     return time.perf_counter() - started, accepted
+
+
+def _edit_or_refuse(session: EditSession, batch: TokenizedBatch) -> bool:
+    """Edit `batch` into the session's model; False if the step was refused.
+
+    A step is refused when the ledger refuses its update (non-finite or malformed) or when the ridge system
+    cannot be solved (a LinAlgError: non-finite keys make it so). A refused step leaves no trace: the ledger
+    has not changed the weights, and the editor's state (lifelong normalizer statistics, step sizes set on
+    its first batch) is put back, so a poisoned batch cannot make every later step fail too.
+    """
+    editor_state = {name: value.clone() for name, value in session.editor.state_dict().items()}
+    try:
+        session.edit(batch)
+    except (EditRefusedError, torch.linalg.LinAlgError):
+        session.editor.load_state_dict(editor_state)
+        return False
+    return True
 
 
 def _synchronize(device: torch.device) -> None:

@@ -28,9 +28,10 @@ from rledit.editing.ledger import UpdateLedger
 from rledit.editing.session import EditSession
 from rledit.editors.base import Editor
 from rledit.editors.normalizer import RunningNormalizer
+from rledit.errors import EditRefusedError
 from rledit.evaluation.runner import validation_scores
 from rledit.models.layers import EditableModule
-from rledit.training.rollout import Objective, rollout
+from rledit.training.rollout import Objective, RolloutStats, rollout
 
 
 @dataclass
@@ -48,6 +49,10 @@ class FrozenTarget:
     def ledger(self) -> UpdateLedger:
         """One ledger for all rollouts: each leaves it empty, so its copy of the originals is made once."""
         return UpdateLedger({name: em.weight_view() for name, em in self.editable.items()})
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _world_size() -> int:
@@ -107,6 +112,7 @@ class EditorTrainer(L.LightningModule):
         self.lr, self.grad_clip, self.step_every = lr, grad_clip, step_every
         self.skipped_steps = 0
         self.pooling: StatisticsPooling | None = None  # set at fit start when there are several processes
+        self.kept_statistics: dict[str, torch.Tensor] = {}  # editor buffers as of the last optimizer step
 
     def configure_optimizers(self):
         return torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=self.lr)
@@ -123,6 +129,13 @@ class EditorTrainer(L.LightningModule):
         if _world_size() > 1:  # DDP: each process observes its own rows (see StatisticsPooling)
             normalizers = [m for m in self.editor.modules() if isinstance(m, RunningNormalizer)]
             self.pooling = StatisticsPooling(normalizers)
+        self._keep_statistics()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
 
     def training_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
         optimizer = self.optimizers()
@@ -136,8 +149,11 @@ class EditorTrainer(L.LightningModule):
                 self._optimizer_step(optimizer, finite=True)
 
         self.editor.train()
-        stats = rollout(self.editor, self.target.model, self.target.modules, self.target.ledger, steps,
-                        self.objective, on_step=maybe_step)
+        try:
+            stats = rollout(self.editor, self.target.model, self.target.modules, self.target.ledger, steps,
+                            self.objective, on_step=maybe_step)
+        except EditRefusedError:  # a non-finite update met the ledger; the rollout has restored the weights
+            stats = RolloutStats(finite=False)
         grad_norm = self._optimizer_step(optimizer, finite=stats.finite)
         metrics = {"train/return": stats.ret, "train/gen_loss": stats.gen_loss, "train/loc_loss": stats.loc_loss,
                    "train/update_norm_sq": stats.norm_sq, "train/grad_norm": grad_norm,
@@ -150,8 +166,16 @@ class EditorTrainer(L.LightningModule):
         self.log("return", stats.ret, prog_bar=True, logger=False, batch_size=1)
 
     def _optimizer_step(self, optimizer, finite: bool) -> float:
-        """Sync the processes, clip, step; a non-finite sequence (on any process) is skipped untouched."""
+        """Sync the processes, clip, step; a non-finite sequence (on any process) is skipped untouched.
+
+        A process whose sequence was non-finite (a non-finite loss, gradient or update) also drops what its
+        normalizers observed since the last step, before pooling: non-finite factors would otherwise poison
+        the statistics, and with them every later sequence.
+        """
         params = [p for p in self.editor.parameters() if p.requires_grad]
+        finite = finite and _all_finite([p.grad for p in params if p.grad is not None])
+        if not finite:
+            self._restore_statistics()
         if self.pooling is not None:
             finite = self._sync_processes(params, finite)
         grads = [p.grad for p in params if p.grad is not None]
@@ -164,7 +188,16 @@ class EditorTrainer(L.LightningModule):
         else:
             self.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
+        self._keep_statistics()
         return norm
+
+    def _keep_statistics(self) -> None:
+        self.kept_statistics = {name: b.detach().clone() for name, b in self.editor.named_buffers()}
+
+    @torch.no_grad()
+    def _restore_statistics(self) -> None:
+        for name, buffer in self.editor.named_buffers():
+            buffer.copy_(self.kept_statistics[name])
 
     def _sync_processes(self, params: list[nn.Parameter], finite: bool) -> bool:
         """Average gradients, pool normalizer statistics; returns whether every process's sequence was finite."""
