@@ -38,12 +38,18 @@ def train(cfg: DictConfig) -> Path:
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if training.keep not in ("best", "last"):
+        raise ConfigError(f"training.keep={training.keep!r}: expected 'best' or 'last'")
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
                                   every_n_train_steps=training.checkpoint_every_n_steps)
-    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=[checkpoints])
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}", monitor="val/score", mode="max")
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=[checkpoints, best])
     # The training stream is checkpointed with its position (EditStreamDataModule's loader), so resuming
     # from any checkpoint, mid-epoch included, continues exactly where the interrupted run was.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    if training.keep == "best" and best.best_model_path:
+        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+        print(f"keeping the editor of {best.best_model_path} (validation score {float(best.best_model_score):.4f})")
     path = run_dir / "editor.ckpt"
     if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")

@@ -55,6 +55,9 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+VALIDATION_SCORE = ("efficacy", "generalization", "specificity")
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -212,8 +215,13 @@ class EditorTrainer(L.LightningModule):
         return bool(flag)
 
     def validation_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
-        """Lifelong editing of the held-out sequence with the current editor, scored, then reverted."""
+        """Lifelong editing of the held-out sequence with the current editor, scored, then reverted.
+
+        `val/score`, the mean of efficacy, generalization and specificity, is what `training.keep=best`
+        selects the editor by.
+        """
         self.editor.eval()
         session = EditSession(self.target.model, self.target.editable, self.editor)
         scores = validation_scores(session, [batch.to(self.device) for batch in sequence])
+        scores["score"] = sum(scores.get(k, 0.0) for k in VALIDATION_SCORE) / len(VALIDATION_SCORE)
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, prog_bar=True, batch_size=1, sync_dist=True)
