@@ -10,7 +10,10 @@ Every row applies ``master += alpha * P^T diag(s) Q; weight <- cast(master)`` th
   outer  sum N per-token outer products into dW, then add and cast as above. When that loop would
          touch more than --outer-budget weight elements it runs on fewer tokens and is extrapolated
          linearly in N (marked with "~"): fixed cost (zeros, add, cast) + N x measured per-token cost.
-Times are medians over --repeats calls, all measured in one run, so the ratios compare like with like.
+Times are medians, all measured in one run, so the ratios compare like with like: fused and dense are
+interleaved over about FAST_SECONDS of calls each (at least --repeats, at most MAX_FAST_REPEATS: a 3 ms
+call needs hundreds of repeats before load from other processes stops swaying its median), the slow
+per-token loop over --repeats calls.
 On CUDA it also times Llama-3-8B projection shapes in bf16 and reports achieved TFLOP/s against a plain
 bf16 matmul producing a matrix of the same size from the same factors.
 """
@@ -18,17 +21,14 @@ bf16 matmul producing a matrix of the same size from the same factors.
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from harness import median_seconds, synchronize
 
 from rledit.kernels import fused_lowrank_update_
 from rledit.kernels.lowrank import resolve_backend
@@ -41,6 +41,8 @@ WEIGHT_DTYPES = [torch.float32, torch.bfloat16]
 LLAMA3_8B_SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14336),
                     "down_proj": (14336, 4096)}
 ALPHA = 1e-3  # keeps master bounded over many in-place repeats
+FAST_SECONDS = 1.0
+MAX_FAST_REPEATS = 200
 
 
 @dataclass
@@ -59,30 +61,6 @@ class Problem:
         master = torch.randn(d_out, d_in, device=device)
         return cls(master, master.to(weight_dtype), torch.randn(n_rows, d_out, device=device),
                    torch.randn(n_rows, d_in, device=device), torch.rand(n_rows, device=device))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int,
-                   device: torch.device) -> dict[str, float]:
-    """Median wall time of each fn over repeats calls, after one warm-up call each (Triton compiles there).
-
-    The calls are interleaved round by round, so load from other processes hits every method alike.
-    """
-    for fn in fns.values():
-        fn()
-    synchronize(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def fused(p: Problem) -> None:
@@ -125,18 +103,28 @@ def comparison_row(d_in: int, d_out: int, n_rows: int, weight_dtype: torch.dtype
     # The per-token loop runs on at most outer_budget weight elements; beyond that it is extrapolated
     # linearly in N from its fixed cost (zeros, add, cast: the loop over 0 tokens) and n_timed tokens.
     n_timed = max(2, min(n_rows, outer_budget // p.master.numel()))
-    methods = {"fused": lambda: fused(p), "dense": lambda: dense(p),
-               "outer": lambda: outer_products(p, n_timed)}
+    loops = {"outer": lambda: outer_products(p, n_timed)}
     extrapolated = n_timed < n_rows
     if extrapolated:
-        methods["outer_fixed"] = lambda: outer_products(p, 0)
-    t = median_seconds(methods, repeats, device)
+        loops["outer_fixed"] = lambda: outer_products(p, 0)
+    fast = {"fused": lambda: fused(p), "dense": lambda: dense(p)}
+    t = median_seconds(fast, fast_repeats(fast["dense"], repeats, device), device)
+    t |= median_seconds(loops, repeats, device)
     t_outer = t["outer"]
     if extrapolated:
         t_outer = t["outer_fixed"] + (t["outer"] - t["outer_fixed"]) * n_rows / n_timed
     outer = f"{'~' if extrapolated else ''}{t_outer * 1e3:.1f}"
     return (f"{label} {t['fused'] * 1e3:>9.2f} {t['dense'] * 1e3:>9.2f} {outer:>10} "
             f"{t['dense'] / t['fused']:>11.2f} {t_outer / t['fused']:>11.1f}")
+
+
+def fast_repeats(fn: Callable[[], object], repeats: int, device: torch.device) -> int:
+    """How many calls of `fn` take about FAST_SECONDS (at least `repeats`, at most MAX_FAST_REPEATS)."""
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = max(time.perf_counter() - start, 1e-9)
+    return max(repeats, min(MAX_FAST_REPEATS, math.ceil(FAST_SECONDS / once)))
 
 
 def comparison_table(shapes: list[tuple[int, int]], repeats: int, outer_budget: int,
@@ -152,13 +140,20 @@ def comparison_table(shapes: list[tuple[int, int]], repeats: int, outer_budget: 
                 print(row, flush=True)
 
 
-def llama3_row(name: str, d_in: int, d_out: int, n_rows: int, repeats: int, device: torch.device) -> str:
-    """Fused bf16-weight update vs a bf16 matmul (d_out x N) @ (N x d_in) of the same FLOPs."""
+def fused_and_matmul_seconds(d_in: int, d_out: int, n_rows: int, repeats: int,
+                             device: torch.device) -> tuple[float, float]:
+    """Median seconds of the fused update of a bf16 weight, and of a bf16 matmul (d_out x N) @ (N x d_in)
+    producing a matrix of the same size from the same factors (the same FLOPs: 2 N d_in d_out)."""
     p = Problem.random(d_in, d_out, n_rows, torch.bfloat16, device)
     p_t, q = p.P.T.contiguous().to(torch.bfloat16), p.Q.to(torch.bfloat16)
-    flops = 2 * n_rows * d_in * d_out
     t = median_seconds({"fused": lambda: fused(p), "matmul": lambda: p_t @ q}, repeats, device)
-    t_fused, t_matmul = t["fused"], t["matmul"]
+    return t["fused"], t["matmul"]
+
+
+def llama3_row(name: str, d_in: int, d_out: int, n_rows: int, repeats: int, device: torch.device) -> str:
+    """Fused bf16-weight update vs a bf16 matmul of the same FLOPs, as a table row."""
+    t_fused, t_matmul = fused_and_matmul_seconds(d_in, d_out, n_rows, repeats, device)
+    flops = 2 * n_rows * d_in * d_out
     return (f"{name:>10} {d_in:>6}x{d_out:<6} {n_rows:>5} {t_fused * 1e3:>9.3f}"
             f" {flops / t_fused / 1e12:>13.1f} {t_matmul * 1e3:>9.3f} {flops / t_matmul / 1e12:>14.1f}"
             f" {t_matmul / t_fused:>12.2f}")
@@ -200,7 +195,8 @@ def main() -> None:
     backend = resolve_backend("auto", device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, fused backend: {backend}, "
-          f"median of {repeats}; '~' = per-token loop extrapolated in N")
+          f"medians of >= {repeats} calls (fused and dense: about {FAST_SECONDS:g} s of calls each, at most "
+          f"{MAX_FAST_REPEATS}); '~' = per-token loop extrapolated in N")
     comparison_table(QUICK_SHAPES if args.quick else SHAPES, repeats, outer_budget, device)
     if device.type == "cuda":
         print("\nLlama-3-8B shapes, bf16 weight; matmul = bf16 (d_out x N) @ (N x d_in), the same FLOPs; "

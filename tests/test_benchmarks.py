@@ -1,0 +1,94 @@
+"""The benchmark scripts measure what they say: edits are undone between rounds, batches are labelled like
+EditCollator's, memory probes count allocations exactly, and the GPU script's CPU smoke test runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phases
+from gpu_llama import Size, build_session, random_edit_batch
+from harness import peak_bytes_of
+
+from rledit.data.collate import IGNORE_INDEX
+
+CPU = torch.device("cpu")
+MICRO = Size(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+             edit_modules=["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj"],
+             edits=3, prompt_tokens=6, target_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def session_and_batch():
+    torch.manual_seed(0)
+    session = build_session(MICRO, CPU)
+    generator = torch.Generator().manual_seed(0)
+    history, batch = (random_edit_batch(MICRO.edits, MICRO.prompt_tokens, MICRO.target_tokens,
+                                        MICRO.config.vocab_size, CPU, generator) for _ in range(2))
+    return session, batch, history
+
+
+def test_random_batch_marks_the_positions_that_predict_target_tokens(session_and_batch):
+    _, batch, _ = session_and_batch
+    predicts_target = batch.labels[:, 1:] != IGNORE_INDEX
+    assert torch.equal(batch.target_mask[:, :-1], predicts_target)
+    assert not batch.target_mask[:, -1].any()
+    assert int(batch.target_mask.sum()) == MICRO.edits * MICRO.target_tokens
+
+
+def test_measure_reverts_every_edit_and_records_every_round(session_and_batch):
+    session, batch, history = session_and_batch
+    before = {name: em.module.weight.detach().clone() for name, em in session.editable.items()}
+    result = measure(session, batch, history, repeats=2, warm_up=1, device=CPU)
+
+    assert len(session.ledger) == 0
+    for name, em in session.editable.items():
+        assert torch.equal(em.module.weight, before[name]), name
+    assert all(len(result.phases[phase]) == 2 for phase in PHASES)
+    assert len(result.floor) == len(result.end_to_end) == 2
+    assert result.captured_tokens == MICRO.edits * MICRO.target_tokens
+    assert all(seconds > 0 for seconds in result.totals + result.floor)
+
+
+def test_a_timed_edit_is_undone_in_the_ledger_and_in_the_editors_key_memory(session_and_batch):
+    session, batch, history = session_and_batch
+    session.edit(history)
+    try:
+        timed_phases(session, batch, CPU)
+        timed_end_to_end(session, batch, CPU)
+        assert len(session.ledger) == 1
+        assert len(session.editor.key_memory.steps) == 1  # only the history edit is remembered
+    finally:
+        session.revert()
+
+
+def test_floor_leaves_the_model_frozen(session_and_batch):
+    session, batch, _ = session_and_batch
+    assert timed_floor(session.model, session.editable, batch, CPU) > 0
+    assert not any(p.requires_grad or p.grad is not None for p in session.model.parameters())
+
+
+def test_live_tensor_memory_counts_a_temporary_alive_together_with_its_input():
+    # ones(1000) and the sum are both alive at once: 2 x 4000 bytes, whatever else the process holds.
+    peak, how = peak_bytes_of(lambda: torch.ones(1000) + 1, CPU)
+    assert (peak, how) == (8000, "live tensor bytes")
+
+
+def test_gpu_script_runs_at_small_size_on_cpu():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_llama.py"), "--small", "--device", "cpu",
+                           "--threads", "1", "--repeats", "1", "--edits", "2"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ratio = re.search(r"edit step / floor = \*\*([0-9.]+)x\*\*", done.stdout)
+    assert ratio and float(ratio.group(1)) > 0, done.stdout
+    assert re.search(r"\| fused kernel \(torch\), 256x896, N=8 \| [0-9.]+ ms", done.stdout), done.stdout
