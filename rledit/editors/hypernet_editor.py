@@ -11,6 +11,8 @@ import torch
 from rledit.editing.update import FactoredUpdate, ModuleUpdate
 from rledit.editors.base import Editor
 from rledit.editors.hypernet import HyperNetworkBank
+from rledit.editors.ridge_solve import refuse_non_finite
+from rledit.errors import EditRefusedError
 from rledit.models.capture import CapturedFactors
 
 
@@ -63,10 +65,23 @@ class HypernetEditor(Editor):
 
     @torch.no_grad()
     def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
+        """Set the module's step size from its factors' scale.
+
+        Factors that give no usable step size (non-finite, or a step of zero or infinity) raise
+        EditRefusedError: the editor then stays uncalibrated, and the next usable batch calibrates it.
+        """
+        what = f"module '{name}': step size calibration refused"
+        refuse_non_finite(what, {"keys": f.keys, "output norms": f.output_norms,
+                                 "transformed keys": keys_t, "transformed value gradients": grads_t})
         shift_at_unit_step = self.shift_coefficients(f.keys, keys_t).abs() * grads_t.norm(dim=-1)
         tiny = torch.finfo(torch.float32).tiny
-        eta = self.hparams["init_shift"] * f.output_norms.median() / shift_at_unit_step.median().clamp(min=tiny)
-        self.bank.set_log_eta(name, math.log(max(float(eta), tiny)))
+        eta = float(self.hparams["init_shift"] * f.output_norms.median()
+                    / shift_at_unit_step.median().clamp(min=tiny))
+        if not 0.0 < eta < math.inf:
+            raise EditRefusedError(f"{what}: the step size came out {eta} (median output norm "
+                                   f"{float(f.output_norms.median())}, median shift at unit step "
+                                   f"{float(shift_at_unit_step.median())})")
+        self.bank.set_log_eta(name, math.log(eta))
 
     @staticmethod
     def shift_coefficients(keys: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:

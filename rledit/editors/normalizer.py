@@ -44,13 +44,17 @@ class RunningNormalizer(nn.Module):
     def observe(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Merge the rows of z (those where `mask` is True) into the statistics (Chan et al.).
 
-        Weighted sums instead of boolean indexing: no host synchronisation on an accelerator, and an
-        all-masked or empty batch leaves the statistics unchanged.
+        Rows holding a NaN or an inf are left out: one poisoned row would make every later statistic NaN.
+        Weighted sums instead of boolean indexing: no host synchronisation on an accelerator, and a batch
+        left with no row (all masked, all non-finite or empty) leaves the statistics unchanged.
         """
         self._check(z, mask)
         z = z.detach().to(torch.float64)
-        weight = torch.ones(z.shape[0], dtype=torch.float64, device=z.device) if mask is None \
-            else mask.to(device=z.device, dtype=torch.float64)
+        finite_rows = torch.isfinite(z).all(dim=1)
+        z = torch.where(finite_rows[:, None], z, 0.0)  # a zero weight alone would still let 0 * inf = NaN in
+        weight = finite_rows.to(torch.float64)
+        if mask is not None:
+            weight = weight * mask.to(device=z.device, dtype=torch.float64)
         n_batch = weight.sum()
         batch_mean = (weight @ z) / n_batch.clamp_min(1.0)
         batch_m2 = weight @ (z - batch_mean).square()

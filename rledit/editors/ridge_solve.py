@@ -4,6 +4,7 @@ Find S minimising ||K S - D||^2 + e^lambda ||S||^2 and apply W <- W + S^T. By th
 S = (K^T K + e^lambda I)^-1 K^T D = K^T (K K^T + e^lambda I)^-1 D. The dual form solves an N x N system
 and is already factored (P = (K K^T + e^lambda I)^-1 D, Q = K); the primal form solves a d_in x d_in one
 (P = S, Q = I), cheaper once N >= d_in. Both solve in fp32 (fp64 when given fp64) by Cholesky, with jitter if needed.
+Non-finite inputs (or a system that overflows) refuse the edit at once: no jitter makes such a system solvable.
 
 With a memory M of earlier edits' keys (a d_in x d_in Gram matrix) the regulariser becomes R = e^lambda I + M:
 the update then also keeps the outputs of the keys earlier edits wrote. Still rank N:
@@ -15,10 +16,24 @@ from __future__ import annotations
 import torch
 
 from rledit.editing.update import ModuleUpdate
+from rledit.errors import EditRefusedError
+
+
+def refuse_non_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise EditRefusedError, prefixed by `what`, naming every tensor of `tensors` that holds a NaN or an inf."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one host sync
+    bad = [label for label, ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise EditRefusedError(f"{what}: non-finite {', '.join(bad)}")
 
 
 def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Solve A X = B for symmetric positive definite A, adding diagonal jitter until Cholesky succeeds."""
+    """Solve A X = B for symmetric positive definite A, adding diagonal jitter until Cholesky succeeds.
+
+    A LinAlgError means a finite system that is not positive definite; a non-finite one is refused (with
+    `ridge_update`'s inputs checked first, that is one whose forming overflowed).
+    """
+    refuse_non_finite("ridge solve refused", {"system matrix": A, "right-hand side": B})
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     jitter = 0.0
     scale = A.diagonal().abs().mean().clamp(min=torch.finfo(A.dtype).tiny)
@@ -36,6 +51,8 @@ def ridge_update(keys: torch.Tensor, value_shifts: torch.Tensor, ridge: torch.Te
 
     form: "dual", "primal" or "auto" (dual when N < d_in); ignored when a key `memory` (d_in x d_in) is given.
     """
+    inputs = {"keys": keys, "value shifts": value_shifts, "ridge": ridge}
+    refuse_non_finite("ridge solve refused", inputs if memory is None else inputs | {"key memory": memory})
     dtype = torch.promote_types(keys.dtype, torch.float32)
     K, D = keys.to(dtype), value_shifts.to(dtype)
     n, d_in = K.shape
