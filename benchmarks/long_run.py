@@ -32,10 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from harness import MiB, compose_config
 
 from rledit.editing.losses import forward_logits
 from rledit.editing.session import EditSession
@@ -110,8 +107,7 @@ def long_run(steps: int = 100, edits_per_step: int = 20, threads: int = 1,
     """`steps` x `edits_per_step` sequential edits with the configured editor (training-free by default)."""
     if steps * edits_per_step < 2 * WINDOW:
         raise ValueError(f"{steps} x {edits_per_step} edits: at least {2 * WINDOW} are needed")
-    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["model.load.progress=false", *(overrides or [])])
+    cfg = compose_config("evaluate", ["model.load.progress=false", *(overrides or [])])
     with cpu_threads(threads):
         experiment = build_experiment(cfg)
         session = MeteredSession(experiment.model, experiment.editable, build_editor(cfg, experiment))
@@ -129,12 +125,11 @@ def long_run(steps: int = 100, edits_per_step: int = 20, threads: int = 1,
 
     rss_grown = session.rss[last] - session.rss[first]
     ledger_grown = session.ledger_bytes[last] - session.ledger_bytes[first]
-    mib = 2**20
     return LongRunReport(
         steps=steps, edits_per_step=edits_per_step, refused_edits=result.refused_edits,
-        rss_after_first_hundred_mib=session.rss[first] / mib, rss_end_mib=session.rss[last] / mib,
-        ledger_after_first_hundred_mib=session.ledger_bytes[first] / mib,
-        ledger_end_mib=session.ledger_bytes[last] / mib,
+        rss_after_first_hundred_mib=session.rss[first] / MiB, rss_end_mib=session.rss[last] / MiB,
+        ledger_after_first_hundred_mib=session.ledger_bytes[first] / MiB,
+        ledger_end_mib=session.ledger_bytes[last] / MiB,
         rss_growth=(rss_grown - ledger_grown) / session.rss[first],
         first_hundred_step_cpu_seconds=statistics.median(cpu[:window]),
         last_hundred_step_cpu_seconds=statistics.median(cpu[-window:]),
