@@ -136,3 +136,11 @@ def test_a_batch_of_only_non_finite_rows_leaves_the_normalizer_statistics_unchan
     before = {k: v.clone() for k, v in norm.state_dict().items()}
     norm.observe(torch.tensor([[float("nan"), 0.0, 1.0], [2.0, float("inf"), 3.0]]))
     assert all(torch.equal(v, before[k]) for k, v in norm.state_dict().items())
+
+
+@pytest.mark.parametrize("init_ridge", [1e308, 0.0])
+def test_a_ridge_that_is_not_positive_and_finite_is_refused(init_ridge):
+    editor = TrainingFreeEditor(SHAPES, normalize=False, init_ridge=init_ridge)
+    with pytest.raises(EditRefusedError, match="module 'first': ridge calibration refused"):
+        editor.update_from_factors({"first": factors(1), "second": factors(2)})
+    assert not bool(editor.calibrated)

@@ -10,6 +10,7 @@ import torch
 from rledit.editing.update import ModuleUpdate
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.editors.key_memory import KeyMemory
+from rledit.errors import EditRefusedError
 from rledit.editors.ridge_solve import ridge_update
 from rledit.models.capture import CapturedFactors
 
@@ -34,10 +35,14 @@ class RidgeEditor(HypernetEditor):
 
     @torch.no_grad()
     def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
-        """Also set e^lambda to `init_ridge` times the mean squared key norm."""
+        """Also set e^lambda to `init_ridge` times the mean squared key norm (refused if that is not a
+        positive finite number, like the step size)."""
         super()._calibrate(name, f, keys_t, grads_t)
-        ridge = self.hparams["init_ridge"] * f.keys.pow(2).sum(-1).mean()
-        self.bank.set_log_lambda(name, math.log(max(float(ridge), torch.finfo(torch.float32).tiny)))
+        ridge = float(self.hparams["init_ridge"] * f.keys.pow(2).sum(-1).mean())
+        if not 0.0 < ridge < math.inf:
+            raise EditRefusedError(f"module '{name}': ridge calibration refused: e^lambda came out {ridge} "
+                                   f"(init_ridge {self.hparams['init_ridge']})")
+        self.bank.set_log_lambda(name, math.log(ridge))
 
     def aggregate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> ModuleUpdate:
         coeffs = -self.bank.log_eta(name).exp() * self.shift_coefficients(f.keys, keys_t)
