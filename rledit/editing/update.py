@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,21 @@ class ModuleUpdate:
 
 FactoredUpdate = dict[str, ModuleUpdate]
 """Module name (as in `model.named_modules()`) -> its update."""
+
+
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The labels of `tensors` that hold a NaN or an inf (one host sync for all of them)."""
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    return [label for label, ok in zip(tensors, finite) if not ok]
+
+
+def refuse_non_finite(what: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise EditRefusedError, prefixed by `what`, naming every tensor of `tensors` that holds a NaN or an inf."""
+    bad = non_finite(tensors)
+    if bad:
+        raise EditRefusedError(f"{what}: non-finite {', '.join(bad)}")
 
 
 def check_finite(update: FactoredUpdate) -> None:

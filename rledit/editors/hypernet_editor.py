@@ -8,10 +8,9 @@ from collections.abc import Mapping
 
 import torch
 
-from rledit.editing.update import FactoredUpdate, ModuleUpdate
+from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
 from rledit.editors.base import Editor
 from rledit.editors.hypernet import HyperNetworkBank
-from rledit.editors.ridge_solve import refuse_non_finite
 from rledit.errors import EditRefusedError
 from rledit.models.capture import CapturedFactors
 

@@ -29,8 +29,7 @@ class KeyMemory:
     def commit(self) -> None:
         if self.pending:
             self.steps.append(self.pending)
-            for name, keys in self.pending.items():
-                self.gram[name] = self.gram.get(name, 0) + self._gram(keys)
+            self._add(self.pending)
         self.pending = {}
 
     def revert(self, k: int | None = None) -> None:
@@ -40,9 +39,10 @@ class KeyMemory:
         del self.steps[keep:]
         self.gram = {}
         for step in self.steps:
-            for name, keys in step.items():
-                self.gram[name] = self.gram.get(name, 0) + self._gram(keys)
+            self._add(step)
 
-    def _gram(self, keys: torch.Tensor) -> torch.Tensor:
-        keys = keys.float()
-        return self.weight * keys.T @ keys
+    def _add(self, step: dict[str, torch.Tensor]) -> None:
+        """Fold one step's keys into the weighted Gram matrices."""
+        for name, keys in step.items():
+            keys = keys.float()
+            self.gram[name] = self.gram.get(name, 0) + self.weight * keys.T @ keys

@@ -10,8 +10,8 @@ import torch
 from rledit.editing.update import ModuleUpdate
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.editors.key_memory import KeyMemory
-from rledit.errors import EditRefusedError
 from rledit.editors.ridge_solve import ridge_update
+from rledit.errors import EditRefusedError
 from rledit.models.capture import CapturedFactors
 
 

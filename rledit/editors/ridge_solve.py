@@ -15,16 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rledit.editing.update import ModuleUpdate
-from rledit.errors import EditRefusedError
-
-
-def refuse_non_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise EditRefusedError, prefixed by `what`, naming every tensor of `tensors` that holds a NaN or an inf."""
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one host sync
-    bad = [label for label, ok in zip(tensors, finite) if not ok]
-    if bad:
-        raise EditRefusedError(f"{what}: non-finite {', '.join(bad)}")
+from rledit.editing.update import ModuleUpdate, refuse_non_finite
 
 
 def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

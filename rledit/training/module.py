@@ -26,6 +26,7 @@ from torch import nn
 from rledit.data.collate import EditBatch
 from rledit.editing.ledger import UpdateLedger
 from rledit.editing.session import EditSession
+from rledit.editing.update import non_finite
 from rledit.editors.base import Editor
 from rledit.editors.normalizer import RunningNormalizer
 from rledit.errors import EditRefusedError
@@ -49,10 +50,6 @@ class FrozenTarget:
     def ledger(self) -> UpdateLedger:
         """One ledger for all rollouts: each leaves it empty, so its copy of the originals is made once."""
         return UpdateLedger({name: em.weight_view() for name, em in self.editable.items()})
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 VALIDATION_SCORE = ("efficacy", "generalization", "specificity")
@@ -176,7 +173,7 @@ class EditorTrainer(L.LightningModule):
         the statistics, and with them every later sequence.
         """
         params = [p for p in self.editor.parameters() if p.requires_grad]
-        finite = finite and _all_finite([p.grad for p in params if p.grad is not None])
+        finite = finite and not non_finite({str(i): p.grad for i, p in enumerate(params) if p.grad is not None})
         if not finite:
             self._restore_statistics()
         if self.pooling is not None:
