@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from rledit.atomic_write import partial_path
 from rledit.data.streams import EditStreamDataModule
 from rledit.errors import ConfigError
 from rledit.pipeline import build_editor, build_experiment, build_objective, cpu_threads, editor_checkpoint
@@ -52,7 +53,7 @@ def train(cfg: DictConfig) -> Path:
         print(f"keeping the editor of {best.best_model_path} (validation score {float(best.best_model_score):.4f})")
     path = run_dir / "editor.ckpt"
     if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        partial = partial_path(path)
         torch.save(editor_checkpoint(editor, cfg), partial)
         os.replace(partial, path)
         print(f"editor checkpoint: {path}")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rledit.atomic_write import partial_path
 from rledit.editing.ledger import UpdateLedger
 from rledit.editing.session import EditSession
 from rledit.errors import ConfigError, RleditError
@@ -32,14 +33,14 @@ def save_edited_model(session: EditSession, tokenizer: PreTrainedTokenizerBase, 
     """Write the session's edited model, tokenizer, ledger and original weights to the new folder `path`.
 
     Everything is written to a temporary sibling folder first and renamed at the end, so `path` is
-    either complete or absent. The originals are read by reverting the ledger (bit-exact) and replaying
+    either complete or absent (a killed run's temporary folder is removed by the next save there). The originals are read by reverting the ledger (bit-exact) and replaying
     its updates from the file just written, which leaves the weights bit-identical to before.
     """
     path = Path(path)
     if path.exists():
         raise ConfigError(f"save_edited={path} already exists; choose a new folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    partial = partial_path(path)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         session.model.save_pretrained(partial)
