@@ -23,6 +23,7 @@ from rledit.editors import ridge_solve
 from rledit.editors.base import Editor
 from rledit.editors.hypernet import HyperNetworkBank
 from rledit.editors.training_free import TrainingFreeEditor
+from rledit.errors import EditRefusedError
 from rledit.evaluation.command import cpu_threads
 from rledit.evaluation.report import results_document
 from rledit.evaluation.runner import Protocol, run_lifelong
@@ -208,3 +209,30 @@ def test_a_non_finite_training_sequence_is_skipped_leaving_optimizer_and_editor_
     last_editor = snapshots.after[3][1]
     assert not bitwise_equal(editor_after, last_editor)
     assert all(bool(torch.isfinite(v).all()) for v in last_editor.values() if v.is_floating_point())
+
+
+def _fit_one_epoch(module, datamodule) -> None:
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+              accelerator="cpu", devices=1).fit(module, datamodule=datamodule)
+
+
+@pytest.mark.parametrize("refusals", [1, 3])
+def test_training_calibrates_on_the_first_usable_batch_and_names_the_refusals_when_none_is(monkeypatch, refusals):
+    module, datamodule = build(normalize=True)
+    calibrate, calls = type(module.editor)._calibrate, []
+
+    def refusing(self, name, *args):
+        calls.append(name)
+        if len(calls) <= refusals:  # the first `refusals` batches (one module each) refuse
+            raise EditRefusedError(f"module '{name}': step size calibration refused (injected {len(calls)})")
+        return calibrate(self, name, *args)
+
+    monkeypatch.setattr(type(module.editor), "_calibrate", refusing)
+    if refusals < len(datamodule.train_sequences[0]):
+        _fit_one_epoch(module, datamodule)
+        assert bool(module.editor.calibrated) and module.skipped_steps == 0
+    else:  # every batch of the first sequence refused: training does not start, and says why
+        with pytest.raises(EditRefusedError, match="no batch of the first training sequence.*injected 3"):
+            _fit_one_epoch(module, datamodule)
+        assert not bool(module.editor.calibrated)

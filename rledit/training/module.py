@@ -121,11 +121,20 @@ class EditorTrainer(L.LightningModule):
         self.target.model.to(self.device)
 
     def on_fit_start(self) -> None:
-        """Calibrate step sizes on one fixed training batch, so every process starts from the same editor."""
+        """Calibrate step sizes on the first usable batch of one fixed training sequence, so every process
+        starts from the same editor; a batch whose factors give no usable step size is passed over."""
         if hasattr(self.editor, "calibrated") and not bool(self.editor.calibrated):
-            batch = self.trainer.datamodule.train_sequences[0][0].to(self.device)
-            with torch.no_grad():
-                self.editor.predict_update(self.target.model, self.target.modules, batch.edit)
+            refusals = []
+            for batch in self.trainer.datamodule.train_sequences[0]:
+                try:
+                    with torch.no_grad():
+                        self.editor.predict_update(self.target.model, self.target.modules, batch.to(self.device).edit)
+                    break
+                except EditRefusedError as exc:
+                    refusals.append(str(exc))
+            else:
+                raise EditRefusedError("no batch of the first training sequence calibrates the editor: "
+                                       + "; ".join(refusals))
         if _world_size() > 1:  # DDP: each process observes its own rows (see StatisticsPooling)
             normalizers = [m for m in self.editor.modules() if isinstance(m, RunningNormalizer)]
             self.pooling = StatisticsPooling(normalizers)
