@@ -14,8 +14,9 @@ from rledit.editing.functional import functional_update
 from rledit.editing.ledger import UpdateLedger
 from rledit.editing.losses import forward_logits, locality_kl, target_nll
 from rledit.editors.rledit import RLEditEditor
+from rledit.errors import ConfigError
 from rledit.models.layers import resolve_edit_modules
-from rledit.training.rollout import Objective, rollout
+from rledit.training.rollout import Objective, _look_back, rollout
 from tests.test_collate import build_word_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -66,8 +67,8 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
         update = editor.predict_update(model, modules, batch.edit)
         weight = objective.discount ** t / len(steps)
         total = 0.0
-        for j in range(min(objective.back_depth, t + 1)):
-            past, w = steps[t - j], weight * objective.decay ** j
+        for i, look_back_weight in _look_back(t, objective):
+            past, w = steps[i], weight * look_back_weight
             with functional_update(modules, update):
                 for which in objective.gen_prompts:
                     b = getattr(past, which)
@@ -75,7 +76,7 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
             with torch.no_grad():
                 base = forward_logits(model, past.locality)
             if objective.locality_reference == "original":
-                base = unedited[t - j]
+                base = unedited[i]
             with functional_update(modules, update):
                 total = total + w * objective.locality_weight * locality_kl(
                     base, forward_logits(model, past.locality), past.locality.labels)
@@ -86,12 +87,13 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
     return {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("chunk_rows", "reference"),
-                         [(None, "previous"), (256, "previous"), (5, "previous"), (None, "original"), (5, "original")])
-def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows, reference):
+@pytest.mark.parametrize(("chunk_rows", "reference", "look_back"),
+                         [(None, "previous", "recent"), (256, "previous", "recent"), (5, "previous", "recent"),
+                          (None, "original", "recent"), (5, "original", "recent"), (5, "original", "spread")])
+def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows, reference, look_back):
     model, editable, modules, steps, editor = setup
     objective = Objective(back_depth=2, decay=0.9, discount=0.95, locality_weight=0.5, norm_penalty=1e-2,
-                          chunk_rows=chunk_rows, locality_reference=reference)
+                          chunk_rows=chunk_rows, locality_reference=reference, look_back=look_back)
     before = {n: p.clone() for n, p in model.named_parameters()}
     staged_editor, direct_editor = copy.deepcopy(editor), copy.deepcopy(editor)
     stats = rollout(staged_editor, model, modules, UpdateLedger(weights_of(editable)), steps, objective)
@@ -102,6 +104,36 @@ def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, c
     for name in reference:
         torch.testing.assert_close(staged[name], reference[name], rtol=1e-4, atol=1e-8)
     assert stats.finite and stats.gen_loss > 0 and stats.ret < 0
+
+
+def test_recent_look_back_scores_the_last_k_batches_with_decayed_weights():
+    objective = Objective(back_depth=3, decay=0.5)
+    assert _look_back(0, objective) == [(0, 1.0)]
+    assert _look_back(5, objective) == [(5, 1.0), (4, 0.5), (3, 0.25)]
+
+
+@pytest.mark.parametrize(("back_depth", "decay"), [(2, 1.0), (4, 0.9), (10, 0.95)])
+def test_spread_look_back_stands_for_the_whole_sequence_at_k_batches_a_step(back_depth, decay):
+    spread = Objective(back_depth=back_depth, decay=decay, look_back="spread")
+    recent = Objective(back_depth=back_depth, decay=decay)
+    length = 50
+    scored = set()
+    for t in range(length):
+        picks = _look_back(t, spread)
+        if t < back_depth:
+            assert picks == _look_back(t, recent)
+        steps = [i for i, _ in picks]
+        assert len(picks) == min(back_depth, t + 1) and len(set(steps)) == len(steps) and steps[0] == t
+        assert all(0 <= i <= t for i in steps)
+        # the weights add up to the decayed weight of every batch so far, not just the last k
+        assert sum(w for _, w in picks) == pytest.approx(sum(decay ** j for j in range(t + 1)))
+        scored.update(steps)
+    assert scored == set(range(length))  # the pick inside each stretch moves, so no batch goes unscored
+
+
+def test_unknown_look_back_is_a_config_error():
+    with pytest.raises(ConfigError, match="look_back='oldest'"):
+        Objective(look_back="oldest")
 
 
 def test_norm_penalty_shrinks_the_trained_updates(setup):

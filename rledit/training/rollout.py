@@ -33,6 +33,8 @@ from rledit.errors import ConfigError
 
 GEN_PROMPTS = ("edit", "rephrase")
 LOCALITY_REFERENCES = ("previous", "original")
+LOOK_BACKS = ("recent", "spread")
+GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Objective:
     norm_penalty: float = 0.0     # eta in front of ||dW_t||_F^2 (a real gradient, through the factors)
     gen_prompts: tuple[str, ...] = GEN_PROMPTS
     locality_reference: str = "previous"  # KL against W_{t-1} ("previous") or the unedited W_0 ("original")
+    look_back: str = "recent"     # which k batches a step scores: the k most recent, or spread over the sequence
     chunk_rows: int | None = None  # rows per LLM pass when scoring; None: the current batch's rows (memory flat in k)
 
     def __post_init__(self):
@@ -59,6 +62,8 @@ class Objective:
         if self.locality_reference not in LOCALITY_REFERENCES:
             raise ConfigError(f"objective: locality_reference={self.locality_reference!r}: choose from "
                               f"{list(LOCALITY_REFERENCES)}")
+        if self.look_back not in LOOK_BACKS:
+            raise ConfigError(f"objective: look_back={self.look_back!r}: choose from {list(LOOK_BACKS)}")
 
 
 @dataclass
@@ -93,25 +98,41 @@ def _through_editor(update: FactoredUpdate, leaves: FactoredUpdate) -> None:
         torch.autograd.backward(outputs, grads)
 
 
-def _look_back(t: int, objective: Objective) -> range:
-    """The steps whose batches step t's reward scores: t, t-1, ..., t-k+1 (never before 0)."""
-    return range(t, max(t - objective.back_depth, -1), -1)
+def _look_back(t: int, objective: Objective) -> list[tuple[int, float]]:
+    """The batches step t's reward scores, as (step, weight) pairs; the weights stand for sum_j mu^j L(E_{t-j}).
+
+    "recent" (DESIGN): the k batches t, t-1, ..., t-k+1, weighted mu^j. "spread": batch t and k-1 earlier
+    batches, one from each of k-1 contiguous stretches of 0..t-1, weighted by the summed mu^j of its
+    stretch; the pick inside a stretch moves with t (a golden-ratio sequence: deterministic, evenly spread),
+    so over a sequence the earlier batches are all scored, in turn. Both cost k
+    batches a step, but only "spread" lets a step of a long sequence see whether the first edits survive,
+    which is what a lifelong evaluation of all edits on the final model measures.
+    """
+    k = objective.back_depth
+    if objective.look_back == "recent" or t < k:
+        return [(i, objective.decay ** (t - i)) for i in range(t, max(t - k, -1), -1)]
+    picks = [(t, 1.0)]
+    for s in range(k - 1):
+        start, stop = s * t // (k - 1), (s + 1) * t // (k - 1)
+        weight = sum(objective.decay ** (t - i) for i in range(start, stop))
+        picks.append((start + int((t * GOLDEN_FRACTION) % 1.0 * (stop - start)), weight))
+    return picks
 
 
 def _scored_rows(steps: Sequence[EditBatch], t: int, objective: Objective, kinds: Sequence[str],
                  step_weight: float) -> tuple[TokenizedBatch, torch.Tensor] | None:
     """All rows step t's reward scores for `kinds`, stacked, with per-row weights chosen so that the sum of
-    weighted row sums is sum_j step_weight * mu^j * (mean loss over the target tokens of each batch)."""
+    weighted row sums is sum_j step_weight * w_j * (mean loss over the target tokens of each batch), w_j the
+    look-back weights."""
     parts, weights = [], []
-    for i in _look_back(t, objective):
-        j = t - i
+    for i, weight in _look_back(t, objective):
         for kind in kinds:
             batch = getattr(steps[i], kind)
             if batch.num_rows == 0:
                 continue
             n_tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             parts.append(batch)
-            weights.append(torch.full((batch.num_rows,), step_weight * objective.decay ** j / n_tokens,
+            weights.append(torch.full((batch.num_rows,), step_weight * weight / n_tokens,
                                       device=batch.input_ids.device))
     return (TokenizedBatch.concat(parts), torch.cat(weights)) if parts else None
 
@@ -136,12 +157,12 @@ def _original_locality(model: nn.Module, steps: Sequence[EditBatch]) -> list[tor
 
 
 def _locality_chunks(model: nn.Module, loc: tuple[TokenizedBatch, torch.Tensor], size: int,
-                     original: list[torch.Tensor | None] | None, look_back: range):
+                     original: list[torch.Tensor | None] | None, look_back: list[tuple[int, float]]):
     """Chunks of the scored locality rows with their weights and reference answer distributions: the
     unedited model's (`original`, computed before the sequence) or else the committed weights' (now)."""
     rows, weights = loc
     if original is not None:
-        reference = torch.cat([original[i] for i in look_back if original[i] is not None])
+        reference = torch.cat([original[i] for i, _ in look_back if original[i] is not None])
         per_row = (rows.labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
     for start, (chunk, chunk_weights) in zip(range(0, rows.num_rows, size), _chunks(rows, weights, size)):
         if original is not None:
@@ -174,7 +195,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
             update = editor.predict_update(model, modules, batch.edit)
             leaves = _leaves(update)
             step_weight = objective.discount ** t / len(steps)
-            mass = step_weight * sum(objective.decay ** j for j in range(min(objective.back_depth, t + 1)))
+            mass = step_weight * sum(weight for _, weight in _look_back(t, objective))
 
             gen = _scored_rows(steps, t, objective, objective.gen_prompts, step_weight)
             for chunk, weights in _chunks(*gen, _chunk_size(objective, batch, objective.gen_prompts)) if gen else ():
