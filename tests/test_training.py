@@ -16,7 +16,7 @@ from rledit.editing.losses import forward_logits, locality_kl, target_nll
 from rledit.editors.rledit import RLEditEditor
 from rledit.errors import ConfigError
 from rledit.models.layers import resolve_edit_modules
-from rledit.training.rollout import Objective, _look_back, rollout
+from rledit.training.rollout import Objective, _locality_look_back, _look_back, rollout
 from tests.test_collate import build_word_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -73,6 +73,8 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
                 for which in objective.gen_prompts:
                     b = getattr(past, which)
                     total = total + w * target_nll(forward_logits(model, b), b.labels)
+        for i, look_back_weight in _locality_look_back(t, objective):
+            past, w = steps[i], weight * look_back_weight
             with torch.no_grad():
                 base = forward_logits(model, past.locality)
             if objective.locality_reference == "original":
@@ -87,13 +89,17 @@ def direct_gradient(editor, model, modules, editable, steps, objective):
     return {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("chunk_rows", "reference", "look_back"),
-                         [(None, "previous", "recent"), (256, "previous", "recent"), (5, "previous", "recent"),
-                          (None, "original", "recent"), (5, "original", "recent"), (5, "original", "spread")])
-def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows, reference, look_back):
+@pytest.mark.parametrize(("chunk_rows", "reference", "look_back", "locality_batches"),
+                         [(None, "previous", "recent", "look_back"), (256, "previous", "recent", "look_back"),
+                          (5, "previous", "recent", "look_back"), (None, "original", "recent", "look_back"),
+                          (5, "original", "recent", "look_back"), (5, "original", "spread", "look_back"),
+                          (5, "original", "spread", "current"), (None, "previous", "recent", "current")])
+def test_two_stage_backward_equals_direct_gradient_and_restores_weights(setup, chunk_rows, reference, look_back,
+                                                                         locality_batches):
     model, editable, modules, steps, editor = setup
     objective = Objective(back_depth=2, decay=0.9, discount=0.95, locality_weight=0.5, norm_penalty=1e-2,
-                          chunk_rows=chunk_rows, locality_reference=reference, look_back=look_back)
+                          chunk_rows=chunk_rows, locality_reference=reference, look_back=look_back,
+                          locality_batches=locality_batches)
     before = {n: p.clone() for n, p in model.named_parameters()}
     staged_editor, direct_editor = copy.deepcopy(editor), copy.deepcopy(editor)
     stats = rollout(staged_editor, model, modules, UpdateLedger(weights_of(editable)), steps, objective)
@@ -129,6 +135,12 @@ def test_spread_look_back_stands_for_the_whole_sequence_at_k_batches_a_step(back
         assert sum(w for _, w in picks) == pytest.approx(sum(decay ** j for j in range(t + 1)))
         scored.update(steps)
     assert scored == set(range(length))  # the pick inside each stretch moves, so no batch goes unscored
+
+
+def test_current_locality_batch_carries_the_whole_look_back_weight():
+    objective = Objective(back_depth=3, decay=0.5, locality_batches="current")
+    assert _locality_look_back(5, objective) == [(5, 1.75)]
+    assert _locality_look_back(5, Objective(back_depth=3, decay=0.5)) == _look_back(5, objective)
 
 
 def test_unknown_look_back_is_a_config_error():

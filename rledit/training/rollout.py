@@ -34,6 +34,7 @@ from rledit.errors import ConfigError
 GEN_PROMPTS = ("edit", "rephrase")
 LOCALITY_REFERENCES = ("previous", "original")
 LOOK_BACKS = ("recent", "spread")
+LOCALITY_BATCHES = ("look_back", "current")
 GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -49,6 +50,8 @@ class Objective:
     gen_prompts: tuple[str, ...] = GEN_PROMPTS
     locality_reference: str = "previous"  # KL against W_{t-1} ("previous") or the unedited W_0 ("original")
     look_back: str = "recent"     # which k batches a step scores: the k most recent, or spread over the sequence
+    locality_batches: str = "look_back"  # whose locality prompts a step scores: the look-back batches', or the
+                                         # current batch's standing for them (1/k of the rows)
     chunk_rows: int | None = None  # rows per LLM pass when scoring; None: the current batch's rows (memory flat in k)
 
     def __post_init__(self):
@@ -64,6 +67,9 @@ class Objective:
                               f"{list(LOCALITY_REFERENCES)}")
         if self.look_back not in LOOK_BACKS:
             raise ConfigError(f"objective: look_back={self.look_back!r}: choose from {list(LOOK_BACKS)}")
+        if self.locality_batches not in LOCALITY_BATCHES:
+            raise ConfigError(f"objective: locality_batches={self.locality_batches!r}: choose from "
+                              f"{list(LOCALITY_BATCHES)}")
 
 
 @dataclass
@@ -119,13 +125,24 @@ def _look_back(t: int, objective: Objective) -> list[tuple[int, float]]:
     return picks
 
 
-def _scored_rows(steps: Sequence[EditBatch], t: int, objective: Objective, kinds: Sequence[str],
+def _locality_look_back(t: int, objective: Objective) -> list[tuple[int, float]]:
+    """The batches whose locality prompts step t scores. "current": batch t's alone, weighted by the whole
+    look-back's weight. Locality prompts ask facts of subjects no batch edits, drawn alike for every batch,
+    so each batch's prompts sample the same damage to unedited facts: the same loss in expectation, at 1/k
+    of the locality rows."""
+    look_back = _look_back(t, objective)
+    if objective.locality_batches == "current":
+        return [(t, sum(weight for _, weight in look_back))]
+    return look_back
+
+
+def _scored_rows(steps: Sequence[EditBatch], look_back: list[tuple[int, float]], kinds: Sequence[str],
                  step_weight: float) -> tuple[TokenizedBatch, torch.Tensor] | None:
-    """All rows step t's reward scores for `kinds`, stacked, with per-row weights chosen so that the sum of
-    weighted row sums is sum_j step_weight * w_j * (mean loss over the target tokens of each batch), w_j the
+    """The rows of `kinds` of the `look_back` batches, stacked, with per-row weights chosen so that the sum of
+    weighted row sums is sum_j step_weight * w_j * (mean loss over the target tokens of batch j), w_j the
     look-back weights."""
     parts, weights = [], []
-    for i, weight in _look_back(t, objective):
+    for i, weight in look_back:
         for kind in kinds:
             batch = getattr(steps[i], kind)
             if batch.num_rows == 0:
@@ -197,7 +214,7 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
             step_weight = objective.discount ** t / len(steps)
             mass = step_weight * sum(weight for _, weight in _look_back(t, objective))
 
-            gen = _scored_rows(steps, t, objective, objective.gen_prompts, step_weight)
+            gen = _scored_rows(steps, _look_back(t, objective), objective.gen_prompts, step_weight)
             for chunk, weights in _chunks(*gen, _chunk_size(objective, batch, objective.gen_prompts)) if gen else ():
                 with functional_update(modules, leaves):
                     loss = weighted_target_nll(forward_logits(model, chunk), chunk.labels, weights)
@@ -206,10 +223,11 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
                 stats.gen_loss += loss.item()
             gen_mass += mass * len(objective.gen_prompts)
 
-            loc = _scored_rows(steps, t, objective, ("locality",), step_weight) \
+            loc_look_back = _locality_look_back(t, objective)
+            loc = _scored_rows(steps, loc_look_back, ("locality",), step_weight) \
                 if objective.locality_weight > 0 else None
             for chunk, weights, base in _locality_chunks(model, loc, _chunk_size(objective, batch, ("locality",)),
-                                                         original, _look_back(t, objective)) if loc else ():
+                                                         original, loc_look_back) if loc else ():
                 with functional_update(modules, leaves):
                     loss = weighted_locality_kl(base, forward_logits(model, chunk), chunk.labels, weights)
                 (objective.locality_weight * loss).backward()
