@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -30,9 +31,10 @@ def train(cfg: DictConfig) -> Path:
                           f"python evaluate.py editor={cfg.editor.name}")
     objective, sequence_length = build_objective(cfg)
     training = cfg.training
+    val_num_steps = validation_length(cfg, len(experiment.data.train), len(experiment.data.eval), sequence_length)
     datamodule = EditStreamDataModule(
         experiment.data.train, experiment.data.eval, experiment.collator, edits_per_step=training.edits_per_step,
-        train_num_steps=sequence_length, eval_num_steps=training.val_num_steps,
+        train_num_steps=sequence_length, eval_num_steps=val_num_steps,
         sequences_per_epoch=max(1, training.batches_per_epoch // sequence_length), seed=cfg.seed)
     module = EditorTrainer(editor, FrozenTarget(experiment.model, experiment.editable), objective,
                            lr=training.lr, grad_clip=training.grad_clip, step_every=training.step_every)
@@ -58,6 +60,25 @@ def train(cfg: DictConfig) -> Path:
         os.replace(partial, path)
         print(f"editor checkpoint: {path}")
     return path
+
+
+def validation_length(cfg: DictConfig, n_train: int, n_eval: int, sequence_length: int) -> int:
+    """Steps of the validation sequence: `training.val_num_steps`, shortened (with a warning) to what the
+    held-out records allow. A training sequence longer than the training records allow is a ConfigError."""
+    edits = cfg.training.edits_per_step
+    if sequence_length * edits > n_train:
+        raise ConfigError(f"editor.objective.sequence_length={sequence_length} x training.edits_per_step={edits} "
+                          f"= {sequence_length * edits} distinct edits per training sequence, but data="
+                          f"{cfg.data.name} has {n_train} training records: lower one of the two")
+    steps = min(cfg.training.val_num_steps, n_eval // edits)
+    if steps < 1:
+        raise ConfigError(f"training.edits_per_step={edits} is more than the {n_eval} held-out records of "
+                          f"data={cfg.data.name}")
+    if steps < cfg.training.val_num_steps:
+        warnings.warn(f"training.val_num_steps={cfg.training.val_num_steps} x training.edits_per_step={edits} "
+                      f"needs {cfg.training.val_num_steps * edits} held-out records, data={cfg.data.name} has "
+                      f"{n_eval}: validating on {steps} steps", stacklevel=2)
+    return steps
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
