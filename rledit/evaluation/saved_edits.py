@@ -33,8 +33,9 @@ def save_edited_model(session: EditSession, tokenizer: PreTrainedTokenizerBase, 
     """Write the session's edited model, tokenizer, ledger and original weights to the new folder `path`.
 
     Everything is written to a temporary sibling folder first and renamed at the end, so `path` is
-    either complete or absent (a killed run's temporary folder is removed by the next save there). The originals are read by reverting the ledger (bit-exact) and replaying
-    its updates from the file just written, which leaves the weights bit-identical to before.
+    either complete or absent (a killed run's temporary folder is removed by the next save there). The
+    originals are read by reverting the ledger (bit-exact) and replaying its updates from the file just
+    written, which leaves the weights bit-identical to before.
     """
     path = Path(path)
     if path.exists():

@@ -212,9 +212,10 @@ def rollout(editor: Editor, model: nn.Module, modules: Mapping[str, nn.Module], 
             update = editor.predict_update(model, modules, batch.edit)
             leaves = _leaves(update)
             step_weight = objective.discount ** t / len(steps)
-            mass = step_weight * sum(weight for _, weight in _look_back(t, objective))
+            look_back = _look_back(t, objective)
+            mass = step_weight * sum(weight for _, weight in look_back)
 
-            gen = _scored_rows(steps, _look_back(t, objective), objective.gen_prompts, step_weight)
+            gen = _scored_rows(steps, look_back, objective.gen_prompts, step_weight)
             for chunk, weights in _chunks(*gen, _chunk_size(objective, batch, objective.gen_prompts)) if gen else ():
                 with functional_update(modules, leaves):
                     loss = weighted_target_nll(forward_logits(model, chunk), chunk.labels, weights)
