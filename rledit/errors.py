@@ -37,3 +37,7 @@ class KernelInputError(RleditError, ValueError):
 
 class EditRefusedError(RleditError, RuntimeError):
     """An update was refused (non-finite or malformed); the model was left exactly as it was."""
+
+
+class PretrainingError(RleditError, RuntimeError):
+    """The synthetic world's model did not learn its world within the training budget."""

@@ -82,10 +82,11 @@ def test_final_curve_and_immediate_timings_agree_where_they_measure_the_same_thi
     assert final.per_step[-1].total_update_norm > final.per_step[0].total_update_norm > 0
     assert final.num_requests == 15 and final.refused_edits == 0
     assert final.peak_memory_bytes > 0 and final.peak_memory_source == "process_peak_rss"
-    # the pretrained model knows the true facts, and the editor moves it towards the new ones
+    # the pretrained model knows the true facts (on any CPU: the fixture trains until it does), and the
+    # editor moves it towards the new ones by a margin that rounding cannot erase
     assert final.pre_edit["specificity"] > 0.9 and final.pre_edit["cf_efficacy_score"] < 0.2
     assert final.metrics["efficacy"] > final.pre_edit["efficacy"]
-    assert final.metrics["cf_efficacy_score"] > final.pre_edit["cf_efficacy_score"]
+    assert final.metrics["cf_efficacy_score"] >= final.pre_edit["cf_efficacy_score"] + 0.3
     assert 0.0 <= final.metrics["specificity_agreement"] < 1.0
 
 

@@ -21,7 +21,7 @@ from rledit.data.synthetic import world_model as world_model_module
 from rledit.data.synthetic.pretrain import PretrainConfig, model_config, pretrain
 from rledit.data.synthetic.relations import fixed_words
 from rledit.data.synthetic.world import World
-from rledit.errors import ConfigError
+from rledit.errors import ConfigError, PretrainingError
 
 TINY_WORLD = {"seed": 3, "num_subjects": 12, "objects_per_relation": 4}
 
@@ -173,12 +173,38 @@ def test_bad_model_training_or_dtype_options_are_refused_before_any_training(tmp
 def test_pretraining_is_deterministic():
     world = build_world(TINY_WORLD)
     tokenizer = build_tokenizer(world)
-    training = PretrainConfig(epochs=2, batch_size=16)
+    training = PretrainConfig(epochs=2, max_epochs=2, target_accuracy=0.0, batch_size=16)
     first, _ = pretrain(world, tokenizer, model_config(tokenizer), training, progress=False)
     second, _ = pretrain(world, tokenizer, model_config(tokenizer), training, progress=False)
     second_weights = second.state_dict()
     for name, weight in first.state_dict().items():
         assert torch.equal(weight, second_weights[name]), name
+
+
+def test_pretraining_runs_past_its_schedule_until_the_world_is_known_and_refuses_a_model_that_is_not():
+    world = build_world(TINY_WORLD)
+    tokenizer = build_tokenizer(world)
+    training = PretrainConfig(epochs=2, max_epochs=80, target_accuracy=0.9, batch_size=16)
+    model, report = pretrain(world, tokenizer, model_config(tokenizer), training, progress=False)
+    assert report.epochs > training.epochs  # two epochs are far from enough for this world
+    assert report.steps == report.epochs * 18  # 288 prompts in batches of 16
+    accuracy = world_accuracy(model, tokenizer, world)
+    assert accuracy == report.accuracy and min(accuracy["per_template"].values()) >= 0.9
+    # it stopped at the first epoch that met the target: one epoch less is not enough, and says so
+    short = PretrainConfig(epochs=2, max_epochs=report.epochs - 1, target_accuracy=0.9, batch_size=16)
+    with pytest.raises(PretrainingError, match=r"after \d+ epochs, below training.target_accuracy=0.9; "
+                                               r"raise training.max_epochs"):
+        pretrain(world, tokenizer, model_config(tokenizer), short, progress=False)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"epochs": 5, "max_epochs": 4}, "max_epochs must be >= epochs"),
+    ({"floor_fraction": 0.0}, "floor_fraction"),
+    ({"target_accuracy": 1.5}, "target_accuracy"),
+])
+def test_bad_pretraining_budget_is_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        PretrainConfig(**bad)
 
 
 def test_small_model_knows_its_world(small_world_model: WorldModel):
@@ -199,13 +225,18 @@ def test_loaded_model_is_frozen_with_the_saved_tokenizer(small_world_model: Worl
 
 
 def test_edits_of_the_small_world_start_unlearned(small_world_model: WorldModel, small_edit_requests):
-    """Editors are judged by how far they raise efficacy, so unedited it must be low and the truth high."""
+    """Editors are judged by how far they raise efficacy, so unedited it must be low and the truth high.
+
+    Later tokens of a multi-token object ("<name> Shipyards") follow from its first, so the new targets'
+    token accuracy is not zero unedited; their first token, which carries the fact, must be."""
     model, tokenizer = small_world_model.model, small_world_model.tokenizer
     prompts = [r.prompt for r in small_edit_requests]
     new = token_accuracy(model, tokenizer, prompts, [r.target_new for r in small_edit_requests])
+    first = token_accuracy(model, tokenizer, prompts, [r.target_new.split()[0] for r in small_edit_requests])
     true = token_accuracy(model, tokenizer, prompts, [r.target_true for r in small_edit_requests])
-    assert sum(new) / len(new) < 0.2
     assert sum(true) / len(true) >= 0.95
+    assert sum(first) / len(first) <= 0.05
+    assert sum(new) / len(new) <= 0.5 * sum(true) / len(true)
 
 
 def test_small_training_and_evaluation_requests_edit_disjoint_subjects(small_edit_requests,
