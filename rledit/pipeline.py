@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rledit.data.collate import EditCollator
 from rledit.data.sources import EditData
 from rledit.editors.base import Editor
-from rledit.errors import ConfigError, RleditError
+from rledit.errors import ConfigError, DataError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 from rledit.training.rollout import Objective
 
@@ -42,11 +42,33 @@ class Experiment:
 
 def build_experiment(cfg: DictConfig) -> Experiment:
     loaded = instantiate(cfg.model.load)
-    editable = resolve_edit_modules(loaded.model, list(cfg.model.edit_modules))
+    editable = resolve_edit_modules(loaded.model, edited_module_specs(cfg))
     max_length = row_length_limit(cfg.model.get("max_length"), loaded.model)
     collator = EditCollator(loaded.tokenizer, max_length=max_length)
     data = instantiate(cfg.data.records)(loaded, collator)
     return Experiment(loaded, editable, data, collator)
+
+
+def edited_module_specs(cfg: DictConfig) -> list[str]:
+    """The model's layers for the configured editor: `model.locate_modules` (MLP output projections read at
+    the subject) for the locate-then-edit family, `model.edit_modules` for the others."""
+    if cfg.get("editor") is not None and cfg.editor.get("modules") == "locate":
+        if cfg.model.get("locate_modules") is None:
+            raise ConfigError(f"editor={cfg.editor.name} edits model.locate_modules, which model={cfg.model.name} "
+                              "does not set (give model.locate_modules='[\"model.layers.{3-7}.mlp.down_proj\"]')")
+        return list(cfg.model.locate_modules)
+    return list(cfg.model.edit_modules)
+
+
+def require_subjects(records, editor: Editor) -> None:
+    """Refuse, before any edit, records whose prompt does not contain their subject when `editor` needs it."""
+    if not editor.needs_subject:
+        return
+    for index, record in enumerate(records):
+        if not record.subject or record.subject not in record.prompt:
+            raise DataError(f"{type(editor).__name__} reads keys at the subject's last token, but the subject "
+                            f"{record.subject!r} of record {record.record_id!r} is not in its prompt "
+                            f"{record.prompt!r}", index=index, field="subject")
 
 
 def row_length_limit(max_length: int | None, model: torch.nn.Module) -> int | None:

@@ -20,7 +20,7 @@ from rledit.data.collate import EditCollator
 from rledit.data.streams import EditStream
 from rledit.editing.session import EditSession
 from rledit.editors import ridge_solve
-from rledit.editors.base import Editor
+from rledit.editors.factor_editor import FactorEditor
 from rledit.editors.hypernet import HyperNetworkBank
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
@@ -67,7 +67,7 @@ def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 
 def poison_captured_keys(monkeypatch, session: RecordingSession, at: int) -> None:
-    capture = Editor.capture
+    capture = FactorEditor.capture
 
     def faulty(self, *args):
         factors = capture(self, *args)
@@ -75,7 +75,7 @@ def poison_captured_keys(monkeypatch, session: RecordingSession, at: int) -> Non
             next(iter(factors.values())).keys[0, 0] = float("nan")
         return factors
 
-    monkeypatch.setattr(Editor, "capture", faulty)
+    monkeypatch.setattr(FactorEditor, "capture", faulty)
 
 
 def poison_hypernetwork_output(monkeypatch, session: RecordingSession, at: int) -> None:

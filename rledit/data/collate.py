@@ -31,9 +31,15 @@ class TokenizedBatch:
     """True at positions whose output logits predict a target token (labels[:, i + 1] != -100)."""
     request_index: torch.Tensor
     """(B,) which edit request of the batch each row belongs to."""
+    subject_first: torch.Tensor | None = None
+    """(B,) position of the row's first subject token, -1 where its prompt holds no subject; None: not
+    located (rows that are not edit requests)."""
+    subject_last: torch.Tensor | None = None
+    """(B,) position of the row's last subject token (-1, None: as subject_first). Locate-then-edit
+    editors read their keys there."""
 
     def to(self, device: torch.device | str) -> TokenizedBatch:
-        return TokenizedBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TokenizedBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
     @property
     def num_rows(self) -> int:
@@ -42,8 +48,11 @@ class TokenizedBatch:
     def rows(self, start: int, stop: int) -> TokenizedBatch:
         """Rows [start, stop), with the columns that are padding in all of them dropped (right padding)."""
         width = int(self.attention_mask[start:stop].sum(-1).max()) if stop > start else 0
-        return TokenizedBatch(**{f.name: getattr(self, f.name)[start:stop, :width] if f.name != "request_index"
-                                 else self.request_index[start:stop] for f in fields(self)})
+
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop, :width] if t.ndim == 2 else t[start:stop]
+
+        return TokenizedBatch(**{f.name: part(getattr(self, f.name)) for f in fields(self)})
 
     @staticmethod
     def concat(batches: Sequence[TokenizedBatch]) -> TokenizedBatch:
@@ -58,7 +67,17 @@ class TokenizedBatch:
             attention_mask=torch.cat([padded(b.attention_mask, 0) for b in batches]),
             labels=torch.cat([padded(b.labels, IGNORE_INDEX) for b in batches]),
             target_mask=torch.cat([padded(b.target_mask, False) for b in batches]),
-            request_index=torch.cat([b.request_index for b in batches]))
+            request_index=torch.cat([b.request_index for b in batches]),
+            subject_first=_cat_located([b.subject_first for b in batches]),
+            subject_last=_cat_located([b.subject_last for b in batches]))
+
+
+def _cat_located(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(list(parts))
+
+
+def _to(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 @dataclass(frozen=True)
@@ -89,14 +108,15 @@ class _Pair:
     request_index: int
     record_id: str
     field: str
+    subject: str | None = None
 
 
 def _edit_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
-    return [_Pair(r.prompt, r.target_new, i, r.record_id, "prompt") for i, r in enumerate(records)]
+    return [_Pair(r.prompt, r.target_new, i, r.record_id, "prompt", r.subject) for i, r in enumerate(records)]
 
 
 def _rephrase_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
-    return [_Pair(prompt, r.target_new, i, r.record_id, f"rephrase_prompts[{j}]")
+    return [_Pair(prompt, r.target_new, i, r.record_id, f"rephrase_prompts[{j}]", r.subject)
             for i, r in enumerate(records) for j, prompt in enumerate(r.rephrase_prompts)]
 
 
@@ -106,7 +126,7 @@ def _locality_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
 
 
 def _true_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
-    return [_Pair(r.prompt, r.target_true, i, r.record_id, "target_true")
+    return [_Pair(r.prompt, r.target_true, i, r.record_id, "target_true", r.subject)
             for i, r in enumerate(records) if r.target_true is not None]
 
 
@@ -143,16 +163,27 @@ class EditCollator:
         return problems
 
     def __call__(self, records: Sequence[EditRecord]) -> EditBatch:
-        return EditBatch(records=list(records), edit=self._tokenize(_edit_pairs(records)),
-                         rephrase=self._tokenize(_rephrase_pairs(records)),
+        return EditBatch(records=list(records), edit=self._tokenize(_edit_pairs(records), locate_subjects=True),
+                         rephrase=self._tokenize(_rephrase_pairs(records), locate_subjects=True),
                          locality=self._tokenize(_locality_pairs(records)),
-                         true=self._tokenize(_true_pairs(records)))
+                         true=self._tokenize(_true_pairs(records), locate_subjects=True))
 
-    def _tokenize(self, pairs: Sequence[_Pair]) -> TokenizedBatch:
+    def rows(self, prompts: Sequence[str], targets: Sequence[str],
+             subjects: Sequence[str | None] | None = None) -> TokenizedBatch:
+        """Rows for (prompt, target) pairs outside any record (an editor's own prompts), subjects located
+        when given; row i belongs to request i."""
+        subjects = [None] * len(prompts) if subjects is None else subjects
+        pairs = [_Pair(p, t, i, f"row {i}", "prompt", s)
+                 for i, (p, t, s) in enumerate(zip(prompts, targets, subjects, strict=True))]
+        return self._tokenize(pairs, locate_subjects=True)
+
+    def _tokenize(self, pairs: Sequence[_Pair], locate_subjects: bool = False) -> TokenizedBatch:
         """Tokenize and pad rows; prompts get the tokenizer's default special tokens, targets none."""
         if not pairs:
             empty = torch.zeros((0, 0), dtype=torch.long)
-            return TokenizedBatch(empty, empty, empty, empty.bool(), torch.zeros(0, dtype=torch.long))
+            none = torch.zeros(0, dtype=torch.long)
+            located = none if locate_subjects else None
+            return TokenizedBatch(empty, empty, empty, empty.bool(), none, located, located)
         prompt_ids, target_ids = self._encode(pairs)
         for pair, prompt, target in zip(pairs, prompt_ids, target_ids, strict=True):
             problem = self._length_problem(pair, len(prompt), len(target))
@@ -172,7 +203,33 @@ class EditCollator:
         target_mask = torch.zeros_like(labels, dtype=torch.bool)
         target_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         request_index = torch.tensor([p.request_index for p in pairs], dtype=torch.long)
-        return TokenizedBatch(input_ids, attention_mask, labels, target_mask, request_index)
+        first = last = None
+        if locate_subjects:
+            offset = (attention_mask == 0).long().argmin(-1) if self.padding_side == "left" else 0
+            first, last = self._subject_span(pairs, prompt_ids)
+            found = last >= 0
+            first, last = torch.where(found, first + offset, -1), torch.where(found, last + offset, -1)
+        return TokenizedBatch(input_ids, attention_mask, labels, target_mask, request_index, first, last)
+
+    def _subject_span(self, pairs: Sequence[_Pair],
+                      prompt_ids: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each row, the first and last token positions of the first occurrence of its subject in its
+        prompt, counted by tokenizing the prompt cut before and after the subject (as ROME does); -1, -1
+        where the prompt has no subject."""
+        first = torch.full((len(pairs),), -1, dtype=torch.long)
+        last = torch.full((len(pairs),), -1, dtype=torch.long)
+        rows = [row for row, pair in enumerate(pairs) if pair.subject and pair.subject in pair.prompt]
+        if not rows:
+            return first, last
+        starts = [pairs[row].prompt.find(pairs[row].subject) for row in rows]
+        before = self.tokenizer([pairs[row].prompt[:start].rstrip() for row, start in zip(rows, starts, strict=True)])
+        through = self.tokenizer([pairs[row].prompt[:start + len(pairs[row].subject)]
+                                  for row, start in zip(rows, starts, strict=True)])
+        for row, head, upto in zip(rows, before["input_ids"], through["input_ids"], strict=True):
+            end = min(len(upto), len(prompt_ids[row]))
+            if end > len(head):
+                first[row], last[row] = len(head), end - 1
+        return first, last
 
     def _encode(self, pairs: Sequence[_Pair]) -> tuple[list[list[int]], list[list[int]]]:
         """Token ids of the prompts (with the tokenizer's default special tokens) and targets (none)."""

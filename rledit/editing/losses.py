@@ -64,3 +64,13 @@ def weighted_locality_kl(base_logp: torch.Tensor, edited_logits: torch.Tensor, l
 def forward_logits(model: nn.Module, batch) -> torch.Tensor:
     """Logits of `model` on a TokenizedBatch."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+    """Logits (number of True positions, vocab) at `positions` (B x T bool) only, row-major: the output head
+    runs where a loss is scored instead of over every position and the whole vocabulary."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[positions])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap

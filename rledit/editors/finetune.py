@@ -14,12 +14,12 @@ from torch import nn
 
 from rledit.editing.functional import functional_update
 from rledit.editing.update import FactoredUpdate, ModuleUpdate
-from rledit.editors.base import Editor
+from rledit.editors.factor_editor import FactorEditor
 from rledit.errors import ConfigError
 from rledit.models.capture import CapturedFactors
 
 
-class FineTuneEditor(Editor):
+class FineTuneEditor(FactorEditor):
     """`steps` gradient steps of size `lr` on the edited modules, evaluated functionally between steps."""
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",

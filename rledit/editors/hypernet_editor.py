@@ -9,13 +9,13 @@ from collections.abc import Mapping
 import torch
 
 from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
-from rledit.editors.base import Editor
+from rledit.editors.factor_editor import FactorEditor
 from rledit.editors.hypernet import HyperNetworkBank
 from rledit.errors import EditRefusedError
 from rledit.models.capture import CapturedFactors
 
 
-class HypernetEditor(Editor):
+class HypernetEditor(FactorEditor):
     """Transforms captured (K, G) with a per-shape hypernetwork, then aggregates them into an update.
 
     Step sizes (and ridges) are set on the first batch the editor sees, from the scale of its captured

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.collate import TokenizedBatch
 from rledit.editing.session import EditSession
-from rledit.editors.base import Editor
+from rledit.editors.base import EditContext, Editor
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import PLOT_FILE, plot_run
 from rledit.evaluation.report import format_table, results_document, write_per_step_csv, write_results
@@ -19,7 +19,14 @@ from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.saved_edits import save_edited_model
 from rledit.evaluation.scoring import RequestScorer, text_rows
 from rledit.evaluation.tracking import log_run
-from rledit.pipeline import Experiment, build_editor, build_experiment, cpu_threads, load_editor_checkpoint
+from rledit.pipeline import (
+    Experiment,
+    build_editor,
+    build_experiment,
+    cpu_threads,
+    load_editor_checkpoint,
+    require_subjects,
+)
 
 HOW_TO_EVALUATE_A_TRAINED_EDITOR = (
     "To evaluate a trained RLEdit editor instead: run `python train.py` (it saves editor.ckpt in its run "
@@ -40,6 +47,11 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     experiment = build_experiment(cfg)
     editor, editor_info = _editor(cfg, experiment)
+    require_subjects(experiment.data.eval, editor)
+    statistics = instantiate(cfg.stats)(records=experiment.data.train) if cfg.get("stats") else None
+    editor.setup(EditContext(experiment.model, experiment.loaded.tokenizer,
+                             {name: em.module for name, em in experiment.editable.items()}, statistics))
+    editor_info.update(editor.report())
     session = EditSession(experiment.model, experiment.editable, editor)
     scorer = RequestScorer(experiment.model, protocol.eval_batch_size, experiment.collator,
                            probability_comparison=cfg.metrics.probability_comparison,

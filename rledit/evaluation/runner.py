@@ -155,7 +155,7 @@ def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_
     exactly, so validation leaves no trace on training. Refused batches are counted in `refused_edits`.
     """
     model, editor = session.model, session.editor
-    editor_state = {name: value.clone() for name, value in editor.state_dict().items()}
+    editor_state = editor.snapshot()
     committed_before = len(session.ledger)
     refused = 0
     try:
@@ -165,7 +165,7 @@ def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_
         summary = RequestScores.concat([scorer.score(batch) for batch in batches]).summary()
     finally:
         session.revert(len(session.ledger) - committed_before)
-        editor.load_state_dict(editor_state)
+        editor.restore(editor_state)
     return {**{k: v for k, v in summary.items() if v is not None}, "refused_edits": float(refused)}
 
 
@@ -186,11 +186,11 @@ def _edit_or_refuse(session: EditSession, batch: TokenizedBatch) -> bool:
     has not changed the weights, and the editor's state (lifelong normalizer statistics, step sizes set on
     its first batch) is put back, so a poisoned batch cannot make every later step fail too.
     """
-    editor_state = {name: value.clone() for name, value in session.editor.state_dict().items()}
+    editor_state = session.editor.snapshot()
     try:
         session.edit(batch)
     except (EditRefusedError, torch.linalg.LinAlgError):
-        session.editor.load_state_dict(editor_state)
+        session.editor.restore(editor_state)
         return False
     return True
 

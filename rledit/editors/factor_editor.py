@@ -1,0 +1,49 @@
+"""The factor-capturing family (MEND, MALMEN, RLEdit, training-free, fine-tuning): keys and value gradients
+of the edit loss in, a factored update out."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from rledit.editing.losses import forward_logits, target_nll
+from rledit.editing.update import FactoredUpdate
+from rledit.editors.base import Editor
+from rledit.errors import ConfigError
+from rledit.models.capture import CapturedFactors, capture_factors
+
+CAPTURE_TOKENS = ("target", "all")
+
+
+class FactorEditor(Editor):
+    """Captures K and G of the edit loss on the current model and turns them into an update.
+
+    Hypernetwork editors keep the graph from their parameters to the update's factors so that training can
+    back-propagate into them.
+    """
+
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target"):
+        super().__init__(module_shapes)
+        if capture_tokens not in CAPTURE_TOKENS:
+            raise ConfigError(f"editor option capture_tokens={capture_tokens!r}: expected one of {CAPTURE_TOKENS}")
+        self.capture_tokens = capture_tokens
+
+    def capture(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> dict[str, CapturedFactors]:
+        """One forward/backward of the edit loss on `batch` (a TokenizedBatch), recording K and G."""
+        mask = batch.target_mask if self.capture_tokens == "target" else batch.attention_mask.bool()
+        with torch.enable_grad(), capture_factors(modules, mask) as captured:
+            target_nll(forward_logits(model, batch), batch.labels).backward()
+        return captured.factors
+
+    def predict_update(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> FactoredUpdate:
+        return self.update_from_factors(self.capture(model, modules, batch))
+
+    @abstractmethod
+    def update_from_factors(self, factors: Mapping[str, CapturedFactors]) -> FactoredUpdate:
+        """Turn captured factors into a factored update (differentiable in the editor's parameters)."""
+
+    def config(self) -> dict:
+        return {**super().config(), "capture_tokens": self.capture_tokens}

@@ -1,0 +1,355 @@
+"""The locate-then-edit family (ROME, MEMIT, EMMET, AlphaEdit): keys at the subject's last token, a target
+value for the residual stream after the last edited layer found by optimisation, and a closed-form update of
+each edited MLP output projection that writes its share of the way there.
+
+For an edit batch of N requests:
+1. `z`: for each request, the output of the last edited layer's block at the subject's last token that makes
+   the model say the new target, `z = h + delta`. One `delta` per request, all optimised together (one
+   forward/backward per step for the whole batch): target NLL on the prompt and on `num_prefixes` prompts
+   behind short texts the model wrote itself, plus `kl_factor` x KL keeping "<subject> is a" predictions,
+   plus weight decay on ||delta|| / ||h||, with ||delta|| <= clamp_norm x ||h||.
+2. For each edited module in model order: keys K (N x d_in, the module's input at the subject's last token,
+   averaged over the prompts) and the block's current output at the subject on the model with the earlier
+   modules' updates applied; residuals R = (z - current) / (modules left, this one included); the
+   subclass's `solve` turns (K, R) into the module's factored update dW = P^T Q.
+Every update stays factored (rank N) until the ledger commits it. `edit_memory` > 0 keeps the Gram of the
+keys committed earlier in the sequence (AlphaEdit's cache, sequential MEMIT), reset for every new sequence.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rledit.data.collate import IGNORE_INDEX, TokenizedBatch
+from rledit.editing.functional import functional_update
+from rledit.editing.losses import logits_at
+from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
+from rledit.editors.base import EditContext, Editor
+from rledit.editors.key_memory import KeyMemory
+from rledit.errors import ConfigError, DataError
+
+
+class LocateEditor(Editor):
+    """Shared machinery of ROME, MEMIT, EMMET and AlphaEdit; subclasses implement `solve`."""
+
+    needs_subject = True
+
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], mom2_weight: float = 1e4,
+                 edit_memory: float = 0.0, z_steps: int = 25, z_lr: float = 0.5, clamp_norm: float = 4.0,
+                 kl_factor: float = 0.0625, weight_decay: float = 0.5, num_prefixes: int = 5,
+                 prefix_length: int = 10, kl_suffix: str = " is a", early_stop_nll: float = 0.05, seed: int = 0):
+        super().__init__(module_shapes)
+        if z_steps < 1 or z_lr <= 0 or clamp_norm <= 0 or num_prefixes < 0 or prefix_length < 1 or mom2_weight < 0:
+            raise ConfigError(f"{type(self).__name__}: need z_steps >= 1, z_lr > 0, clamp_norm > 0, "
+                              f"num_prefixes >= 0, prefix_length >= 1 and mom2_weight >= 0")
+        self.options = dict(mom2_weight=mom2_weight, edit_memory=edit_memory, z_steps=z_steps, z_lr=z_lr,
+                            clamp_norm=clamp_norm, kl_factor=kl_factor, weight_decay=weight_decay,
+                            num_prefixes=num_prefixes, prefix_length=prefix_length, kl_suffix=kl_suffix,
+                            early_stop_nll=early_stop_nll, seed=seed)
+        self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
+        self.second_moments: dict[str, torch.Tensor] = {}
+        self.prefixes: list[list[int]] = []
+        self.kl_suffix_ids: list[int] = []
+        self.bos: int | None = None
+        self.z_block = _block_of(list(self.module_shapes)[-1])
+        self.statistics_info: dict[str, Any] = {}
+
+    def extra_config(self) -> dict:
+        return dict(self.options)
+
+    def setup(self, context: EditContext) -> None:
+        if context.statistics is None:
+            raise ConfigError(f"{type(self).__name__} needs preserved-knowledge statistics: configure `stats` "
+                              "(for example stats/source=wikitext)")
+        missing = sorted(set(self.module_shapes) - set(context.modules))
+        if missing:
+            raise ConfigError(f"{type(self).__name__} was built for modules {missing} that are not edited")
+        modules = {name: context.modules[name] for name in self.module_shapes}
+        self.second_moments = context.statistics.second_moments(context.model, context.tokenizer, modules)
+        bad = [name for name, C in self.second_moments.items() if not bool(torch.isfinite(C).all())]
+        if bad:
+            raise ConfigError(f"the preserved-knowledge statistics of {', '.join(bad)} are not finite "
+                              f"(cache {context.statistics.describe().get('cache')}): delete them to recompute")
+        self.statistics_info = context.statistics.describe()
+        tokenizer = context.tokenizer
+        first = tokenizer("x")["input_ids"][:1]
+        self.bos = first[0] if first and first[0] == tokenizer.bos_token_id else None
+        self.kl_suffix_ids = tokenizer(self.options["kl_suffix"], add_special_tokens=False)["input_ids"]
+        self.prefixes = _sample_prefixes(context.model, tokenizer, self.options["num_prefixes"],
+                                         self.options["prefix_length"], self.options["seed"])
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Derive what `solve` needs from the second moments (once per run)."""
+
+    def report(self) -> dict[str, Any]:
+        return {"statistics": self.statistics_info}
+
+    @abstractmethod
+    def solve(self, name: str, keys: torch.Tensor, residuals: torch.Tensor) -> ModuleUpdate:
+        """The update of module `name` that moves its outputs at `keys` (N x d_in) by `residuals` (N x d_out)."""
+
+    def preserved(self, name: str) -> torch.Tensor:
+        """mom2_weight x C + the Gram of earlier edits' keys, in fp64 (C's small eigenvalues are what the solves
+        protect, and fp32 rounding of the sum would swamp them): what an update of `name` must keep."""
+        A = self.options["mom2_weight"] * self.second_moments[name].double()
+        memory = None if self.key_memory is None else self.key_memory.gram.get(name)
+        return A if memory is None else A + memory.double()
+
+    def predict_update(self, model: nn.Module, modules: Mapping[str, nn.Module], batch: TokenizedBatch) -> FactoredUpdate:
+        if not self.second_moments:
+            raise ConfigError(f"{type(self).__name__}.setup(context) must run before the first edit")
+        _check_subjects(self, batch)
+        n = batch.num_rows
+        rows = self._prompt_rows(batch)
+        kl_rows = self._kl_rows(batch)
+        block = model.get_submodule(self.z_block)
+        z = self._target_values(model, block, rows, kl_rows, n)
+        update: FactoredUpdate = {}
+        names = list(self.module_shapes)
+        for i, name in enumerate(names):
+            with functional_update(modules, update):
+                keys, current = self._keys_and_outputs(model, modules[name], block, rows, n)
+            residuals = (z - current) / (len(names) - i)
+            refuse_non_finite(f"{type(self).__name__} refused module '{name}'",
+                              {"keys": keys, "residuals": residuals})
+            update[name] = self.solve(name, keys, residuals)
+            if self.key_memory is not None:
+                self.key_memory.propose(name, keys)
+        return update
+
+    def committed(self) -> None:
+        if self.key_memory is not None:
+            self.key_memory.commit()
+
+    def reverted(self, k: int | None = None) -> None:
+        if self.key_memory is not None:
+            self.key_memory.revert(k)
+
+    def snapshot(self) -> Any:
+        return None  # the state changes only on commit (the key memory's pending keys are dropped below)
+
+    def restore(self, snapshot: Any) -> None:
+        if self.key_memory is not None:
+            self.key_memory.pending = {}
+
+    # --- the rows the optimisation and the keys are computed on --------------------------------------
+
+    def _prompt_rows(self, batch: TokenizedBatch) -> TokenizedBatch:
+        """Each request's prompt + new target, bare and behind each prefix: request i owns rows
+        i * (1 + num_prefixes) ... ; its first row is the bare prompt."""
+        ids, labels, requests, lasts = [], [], [], []
+        for row in range(batch.num_rows):
+            length = int(batch.attention_mask[row].sum())
+            row_ids, row_labels = batch.input_ids[row, :length].tolist(), batch.labels[row, :length].tolist()
+            cut = 1 if self.bos is not None and row_ids[0] == self.bos else 0
+            for prefix in [[], *self.prefixes]:
+                ids.append(row_ids[:cut] + prefix + row_ids[cut:])
+                labels.append(row_labels[:cut] + [IGNORE_INDEX] * len(prefix) + row_labels[cut:])
+                requests.append(row)
+                lasts.append(int(batch.subject_last[row]) + len(prefix))
+        return _padded(ids, labels, requests, lasts, batch.input_ids.device)
+
+    def _kl_rows(self, batch: TokenizedBatch) -> TokenizedBatch:
+        """"<subject> is a" for each request, from the prompt's own subject tokens (KL at its last token)."""
+        ids, labels, lasts = [], [], []
+        for row in range(batch.num_rows):
+            first, last = int(batch.subject_first[row]), int(batch.subject_last[row])
+            subject = batch.input_ids[row, first:last + 1].tolist()
+            head = [self.bos] if self.bos is not None else []
+            ids.append(head + subject + self.kl_suffix_ids)
+            labels.append([IGNORE_INDEX] * len(ids[-1]))
+            lasts.append(len(head) + len(subject) - 1)
+        return _padded(ids, labels, list(range(batch.num_rows)), lasts, batch.input_ids.device)
+
+    # --- step 1: target values -------------------------------------------------------------------------
+
+    def _target_values(self, model: nn.Module, block: nn.Module, rows: TokenizedBatch, kl_rows: TokenizedBatch,
+                       n: int) -> torch.Tensor:
+        o = self.options
+        bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=rows.input_ids.device)
+        kl_last = _last_token_mask(kl_rows)
+        with torch.no_grad():
+            with _reading(block, bare, rows.subject_last[bare], stop=True) as read:
+                try:
+                    model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+                except _Read:
+                    pass
+            h = read[0].float()
+            kl_reference = logits_at(model, kl_rows.input_ids, kl_rows.attention_mask, kl_last).float().log_softmax(-1)
+        delta = torch.zeros_like(h, requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=o["z_lr"])
+        targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
+        token_rows = rows.target_mask.nonzero()[:, 0]
+        tokens_per_row = rows.target_mask.sum(-1).clamp(min=1).float()
+        rows_per_request = float(1 + len(self.prefixes))
+        h_norm = h.norm(dim=-1, keepdim=True)
+        with torch.enable_grad():
+            for _ in range(o["z_steps"]):
+                with _writing(block, delta, rows.request_index, rows.subject_last):
+                    logits = logits_at(model, rows.input_ids, rows.attention_mask, rows.target_mask)
+                nll = F.cross_entropy(logits.float(), targets, reduction="none")
+                per_row = torch.zeros(rows.num_rows, device=nll.device).index_add(0, token_rows, nll) / tokens_per_row
+                per_request = torch.zeros(n, device=nll.device).index_add(0, rows.request_index, per_row) \
+                    / rows_per_request
+                if float(per_request.detach().max()) < o["early_stop_nll"]:
+                    break
+                with _writing(block, delta, kl_rows.request_index, kl_rows.subject_last):
+                    kl_logp = logits_at(model, kl_rows.input_ids, kl_rows.attention_mask, kl_last).float().log_softmax(-1)
+                kl = (kl_reference.exp() * (kl_reference - kl_logp)).sum(-1)
+                decay = (delta.norm(dim=-1) / h_norm.squeeze(-1)) ** 2
+                loss = (per_request + o["kl_factor"] * kl + o["weight_decay"] * decay).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    limit = o["clamp_norm"] * h_norm
+                    delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+        return h + delta.detach()
+
+    # --- step 2: keys and current outputs ----------------------------------------------------------------
+
+    def _keys_and_outputs(self, model: nn.Module, module: nn.Module, block: nn.Module, rows: TokenizedBatch,
+                          n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys of `module` at the subject, averaged over each request's rows, and the block's output at the
+        subject of each bare prompt, on the model as it is inside the caller's functional update."""
+        bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=rows.input_ids.device)
+        positions = (torch.arange(rows.num_rows, device=rows.input_ids.device), rows.subject_last)
+        captured: list[torch.Tensor] = []
+
+        def read_keys(mod: nn.Module, args: tuple) -> None:
+            captured.append(args[0][positions].float())
+
+        handle = module.register_forward_pre_hook(read_keys)
+        try:
+            with torch.no_grad(), _reading(block, bare, rows.subject_last[bare], stop=True) as read:
+                try:
+                    model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+                except _Read:  # the layers above the block are not needed
+                    pass
+        finally:
+            handle.remove()
+        keys = torch.zeros(n, captured[0].shape[-1], device=captured[0].device).index_add(
+            0, rows.request_index, captured[0]) / float(1 + len(self.prefixes))
+        return keys, read[0].float()
+
+
+def _block_of(module_name: str) -> str:
+    """The transformer block a module belongs to: `model.layers.7.mlp.down_proj` -> `model.layers.7`."""
+    parts = module_name.split(".")
+    if len(parts) < 3:
+        raise ConfigError(f"locate-then-edit editors edit a block's MLP projection (like "
+                          f"model.layers.7.mlp.down_proj); {module_name!r} is not inside a block")
+    return ".".join(parts[:-2])
+
+
+def _check_subjects(editor: Editor, batch: TokenizedBatch) -> None:
+    if batch.subject_last is None or bool((batch.subject_last < 0).any()):
+        rows = "all" if batch.subject_last is None else \
+            ", ".join(str(i) for i in (batch.subject_last < 0).nonzero().flatten().tolist())
+        raise DataError(f"{type(editor).__name__} reads keys at the subject's last token, but the prompts of "
+                        f"edit row(s) {rows} of this batch do not contain their subject", field="subject")
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Read(Exception):
+    """Raised after the block's output was read, when the layers above it are not needed."""
+
+
+@contextmanager
+def _reading(block: nn.Module, rows: torch.Tensor, positions: torch.Tensor, stop: bool = False):
+    """Collects the block's output at (rows, positions) of the next forward pass (and ends that pass there,
+    raising _Read, when `stop`)."""
+    read: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        read.append(_hidden(output)[rows, positions].detach())
+        if stop:
+            raise _Read
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield read
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _writing(block: nn.Module, delta: torch.Tensor, requests: torch.Tensor, positions: torch.Tensor):
+    """Adds delta[request of row] to the block's output at each row's subject position."""
+    rows = torch.arange(len(requests), device=requests.device)
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = _hidden(output)
+        shifted = hidden.index_put((rows, positions), delta[requests].to(hidden.dtype), accumulate=True)
+        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _padded(ids: list[list[int]], labels: list[list[int]], requests: list[int], lasts: list[int],
+            device: torch.device) -> TokenizedBatch:
+    width = max(len(r) for r in ids)
+    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    label_ids = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
+        input_ids[row, :len(row_ids)] = torch.tensor(row_ids)
+        attention_mask[row, :len(row_ids)] = 1
+        label_ids[row, :len(row_labels)] = torch.tensor(row_labels)
+    target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    target_mask[:, :-1] = label_ids[:, 1:] != IGNORE_INDEX
+    located = torch.tensor(lasts)
+    return TokenizedBatch(input_ids, attention_mask, label_ids, target_mask, torch.tensor(requests),
+                          None, located).to(device)
+
+
+def _last_token_mask(rows: TokenizedBatch) -> torch.Tensor:
+    mask = torch.zeros_like(rows.attention_mask, dtype=torch.bool)
+    mask[torch.arange(rows.num_rows), rows.attention_mask.sum(-1) - 1] = True
+    return mask
+
+
+@torch.no_grad()
+def _sample_prefixes(model: nn.Module, tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
+    """`count` texts of `length` tokens the model writes from its first token (seeded), as token ids."""
+    if count == 0:
+        return []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    prompt = torch.full((count, 1), start, dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=5,
+                             max_new_tokens=length, min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+    specials = set(tokenizer.all_special_ids)
+    return [[t for t in row.tolist() if t not in specials] for row in out[:, 1:]]
+
+
+def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A^-1 B in fp64 for symmetric positive (semi)definite A, by Cholesky with a tiny jitter if needed."""
+    refuse_non_finite("locate-then-edit solve refused", {"system matrix": A, "right-hand side": B})
+    A64, B64 = A.double(), B.double()
+    scale = A64.diagonal().abs().mean().clamp(min=1e-30)
+    eye = torch.eye(A64.shape[0], dtype=A64.dtype, device=A64.device)
+    for jitter in (0.0, 1e-10, 1e-8, 1e-6):
+        L, info = torch.linalg.cholesky_ex(A64 + jitter * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(B64, L)
+    warnings.warn("locate-then-edit solve: system not positive definite, solving by least squares")
+    return torch.linalg.lstsq(A64, B64).solution

@@ -1,0 +1,181 @@
+"""Preserved-knowledge statistics: the second moment C = E[k k^T] of each edited module's inputs over text.
+
+MEMIT's prior `lambda C` and AlphaEdit's null-space projector are built from it. It is accumulated streaming
+(one batch's Gram at a time, never all keys), the forward stops after the deepest module it needs, and each
+module's matrix is cached on disk under a key of the model, the module, the text source and the token count,
+written under a temporary name and renamed, so every editor and run that asks for the same reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from rledit.atomic_write import partial_path
+from rledit.data.records import EditRecord
+from rledit.errors import ConfigError
+
+STATISTICS_FORMAT = 1
+ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _Enough(Exception):
+    """Raised by the last needed hook of a forward pass: the layers above it are not needed."""
+
+
+def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module],
+                              batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
+                              accumulate: torch.dtype = torch.float64,
+                              progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """sum_k k k^T / count over the first `num_tokens` non-padding tokens of `batches` ((input_ids,
+    attention_mask) pairs), for every module's input. Returns the fp32 means and the token count."""
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    mask_now: list[torch.Tensor] = []
+    fired: list[str] = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            keys = args[0].reshape(-1, args[0].shape[-1])[mask_now[0].reshape(-1)].float()
+            gram = (keys.T @ keys).to(accumulate)
+            sums[name] = gram if name not in sums else sums[name].add_(gram)
+            fired.append(name)
+            if len(fired) == len(modules):
+                raise _Enough
+
+        return hook
+
+    count = 0
+    with torch.no_grad(), tqdm(total=num_tokens, desc="preserved-knowledge statistics", unit="tok",
+                               disable=not progress) as bar:
+        for input_ids, attention_mask in batches:  # a lazy source (the model's own samples) runs here, unhooked
+            mask = attention_mask.bool()
+            room = num_tokens - count
+            if int(mask.sum()) > room:  # keep exactly num_tokens: the first ones, row-major
+                mask = mask & (mask.reshape(-1).cumsum(0) <= room).reshape(mask.shape)
+            mask_now[:] = [mask.to(device)]
+            fired.clear()
+            handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+            try:
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+            except _Enough:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+            taken = int(mask.sum())
+            count += taken
+            bar.update(taken)
+            if count >= num_tokens:
+                break
+    if count == 0:
+        raise ConfigError("the statistics' text source gave no tokens")
+    return {name: (total / count).float() for name, total in sums.items()}, count
+
+
+def token_batches(texts: Iterable[str], tokenizer, batch_size: int, max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask) batches of `batch_size` texts, each cut at `max_length` tokens."""
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == batch_size:
+            yield _pad(tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"], tokenizer.pad_token_id)
+            chunk = []
+    if chunk:
+        yield _pad(tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"], tokenizer.pad_token_id)
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's name, config and a sample of every parameter (cheap even for 8B models)."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update(json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:512], flat[-512:]]).float().cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class PreservedStatistics:
+    """Computes, caches and hands out the second moments of edited modules' inputs.
+
+    `source` is a text source of rledit.data.text; `num_tokens` how many tokens to average over.
+    """
+
+    def __init__(self, source, num_tokens: int = 100_000, batch_size: int = 16, max_length: int = 256,
+                 accumulate: str = "float64", cache_dir: str | None = None, progress: bool = True,
+                 records: Sequence[EditRecord] = ()):
+        if num_tokens < 1 or batch_size < 1 or max_length < 2:
+            raise ConfigError(f"stats: num_tokens, batch_size must be >= 1 and max_length >= 2, got "
+                              f"{num_tokens}, {batch_size}, {max_length}")
+        if accumulate not in ACCUMULATE_DTYPES:
+            raise ConfigError(f"stats.accumulate={accumulate!r}: expected one of {sorted(ACCUMULATE_DTYPES)}")
+        self.source, self.num_tokens, self.batch_size, self.max_length = source, num_tokens, batch_size, max_length
+        self.accumulate, self.progress = accumulate, progress
+        root = cache_dir or os.environ.get("RLEDIT_CACHE") or Path.home() / ".cache" / "rledit"
+        self.cache_dir = Path(root) / "statistics"
+        self.records = records  # the training records, for source=records
+        self.computed: dict[str, Any] = {}
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json says about the statistics used."""
+        return {"source": self.source.identity(self.records), "num_tokens": self.num_tokens,
+                "max_length": self.max_length, "accumulate": self.accumulate, **self.computed}
+
+    def second_moments(self, model: nn.Module, tokenizer, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """C for each of `modules` (fp32, on the model's device), from the cache where it is there."""
+        folder = self.cache_dir / self._key(model)
+        found = {name: self._read(folder / f"{name}.safetensors") for name in modules}
+        missing = {name: modules[name] for name, value in found.items() if value is None}
+        if missing:
+            texts = self.source.texts(model, tokenizer, self.records)
+            batches = token_batches(texts, tokenizer, self.batch_size, self.max_length)
+            computed, count = accumulate_second_moments(model, missing, batches, self.num_tokens,
+                                                        ACCUMULATE_DTYPES[self.accumulate], self.progress)
+            if count < self.num_tokens:
+                raise ConfigError(f"stats: the text source gave only {count} tokens, fewer than "
+                                  f"stats.num_tokens={self.num_tokens}")
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, matrix in computed.items():
+                self._write(folder / f"{name}.safetensors", matrix)
+                found[name] = matrix
+        self.computed = {"cache": str(folder), "computed_now": sorted(missing)}
+        device = next(model.parameters()).device
+        return {name: found[name].to(device) for name in modules}
+
+    def _key(self, model: nn.Module) -> str:
+        identity = {"format": STATISTICS_FORMAT, "model": model_fingerprint(model),
+                    "source": self.source.identity(self.records), "num_tokens": self.num_tokens,
+                    "max_length": self.max_length, "accumulate": self.accumulate}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _read(path: Path) -> torch.Tensor | None:
+        return load_file(str(path))["second_moment"] if path.is_file() else None
+
+    @staticmethod
+    def _write(path: Path, matrix: torch.Tensor) -> None:
+        staging = partial_path(path)
+        save_file({"second_moment": matrix.contiguous().cpu()}, str(staging))
+        os.replace(staging, path)

@@ -1,0 +1,239 @@
+"""The locate-then-edit family: closed forms against dense references, batched target values against one
+request at a time, exact revert, refusals, and the subject they need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rledit.data.collate import EditCollator
+from rledit.data.records import EditRecord
+from rledit.data.text import SampledText
+from rledit.editing.functional import functional_update
+from rledit.editing.session import EditSession
+from rledit.editors.alphaedit import AlphaEditEditor
+from rledit.editors.base import EditContext
+from rledit.editors.emmet import EmmetEditor
+from rledit.editors.locate import _reading
+from rledit.editors.memit import MemitEditor
+from rledit.editors.rome import RomeEditor
+from rledit.errors import ConfigError, DataError, EditRefusedError
+from rledit.evaluation.command import cpu_threads
+from rledit.models.layers import resolve_edit_modules
+from rledit.models.statistics import PreservedStatistics
+from rledit.pipeline import require_subjects
+
+# The small world's model has moved the subject into the last position by layer 1's output: layer 0 is
+# where its facts can be edited at the subject (configs/model/tiny.yaml, locate_modules).
+ONE_LAYER = "model.layers.0.mlp.down_proj"
+TWO_LAYERS = "model.layers.{0-1}.mlp.down_proj"
+D_IN, D_OUT, N = 24, 10, 5
+M = "h.0.mlp.proj"  # a module inside a block, as locate-then-edit editors need
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with cpu_threads(1):
+        yield
+
+
+def random_problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
+    residuals = torch.randn(N, D_OUT, generator=g, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g, dtype=torch.float64))[0]
+    C = basis @ torch.diag(torch.logspace(0, -5, D_IN, dtype=torch.float64)) @ basis.T
+    return keys.float(), residuals.float(), C.float()
+
+
+def bare_editor(cls, C: torch.Tensor, **options):
+    editor = cls({M: (D_OUT, D_IN)}, **options)
+    editor.second_moments = {M: C}
+    editor.prepare()
+    return editor
+
+
+def test_memit_solve_is_the_dense_ridge_against_the_prior():
+    keys, residuals, C = random_problem()
+    editor = bare_editor(MemitEditor, C, mom2_weight=3.0)
+    dense = residuals.T.double() @ keys.double() @ torch.linalg.inv(3.0 * C.double() + keys.T.double() @ keys.double())
+    assert torch.allclose(editor.solve(M, keys, residuals).dense().double(), dense, atol=1e-4)
+
+
+def test_emmet_meets_every_edit_exactly_and_is_the_dense_closed_form():
+    keys, residuals, C = random_problem(1)
+    editor = bare_editor(EmmetEditor, C, mom2_weight=2.0, ridge=0.0)
+    dW = editor.solve(M, keys, residuals).dense().double()
+    assert torch.allclose(dW @ keys.T.double(), residuals.T.double(), atol=1e-4)
+    A_inv = torch.linalg.inv(2.0 * C.double())
+    K = keys.double()
+    dense = residuals.T.double() @ torch.linalg.inv(K @ A_inv @ K.T) @ K @ A_inv
+    assert torch.allclose(dW, dense, atol=1e-4)
+
+
+def test_rome_equals_its_rank_one_updates_made_one_request_after_another():
+    keys, residuals, C = random_problem(2)
+    editor = bare_editor(RomeEditor, C)
+    A_inv = torch.linalg.inv(C.double() * editor.options["mom2_weight"])
+    total = torch.zeros(D_OUT, D_IN, dtype=torch.float64)
+    for k, r in zip(keys.double(), residuals.double(), strict=True):
+        left = r - total @ k  # what the earlier requests' updates already moved
+        u = A_inv @ k
+        total += torch.outer(left, u) / (u @ k)
+    assert torch.allclose(editor.solve(M, keys, residuals).dense().double(), total, atol=1e-4)
+    assert torch.allclose(total @ keys[-1].double(), residuals[-1].double(), atol=1e-5)  # the last one holds exactly
+
+
+def test_alphaedit_leaves_the_preserved_directions_alone_and_is_the_dense_formula():
+    keys, residuals, C = random_problem(3)
+    editor = bare_editor(AlphaEditEditor, C, nullspace_threshold=1e-3, ridge=0.5)
+    values, vectors = torch.linalg.eigh(C.double())
+    preserved = vectors[:, values >= 1e-3 * values.max()]
+    assert editor.ranks[M] == D_IN - preserved.shape[1] > 0
+    dW = editor.solve(M, keys, residuals).dense().double()
+    assert float((dW @ preserved).abs().max()) < 1e-5 * float(dW.abs().max())
+    P = editor.projectors[M].double()
+    ridge = 0.5 * C.double().diagonal().mean()
+    K = keys.double()
+    dense = residuals.T.double() @ K @ P @ torch.linalg.inv(K.T @ K @ P + ridge * torch.eye(D_IN, dtype=torch.float64))
+    assert torch.allclose(dW, dense, atol=1e-4)
+
+
+def test_alphaedit_refuses_an_empty_null_space_naming_the_module():
+    _, _, C = random_problem(4)
+    with pytest.raises(ConfigError, match="null space of module 'h.0.mlp.proj' is empty"):
+        bare_editor(AlphaEditEditor, C, nullspace_threshold=1e-9, threshold_kind="absolute")
+    with pytest.raises(ConfigError, match="threshold_kind"):
+        AlphaEditEditor({M: (D_OUT, D_IN)}, threshold_kind="energy")
+
+
+def test_rome_edits_exactly_one_module():
+    with pytest.raises(ConfigError, match="ROME edits exactly one module"):
+        RomeEditor({"h.0.mlp.a": (2, 3), "h.0.mlp.b": (2, 3)})
+
+
+@pytest.fixture(scope="module")
+def statistics(tmp_path_factory):
+    return PreservedStatistics(SampledText(num_texts=96, length=24), num_tokens=2000,
+                               cache_dir=str(tmp_path_factory.mktemp("statistics")), progress=False)
+
+
+def set_up(cls, world_model, statistics, spec=ONE_LAYER, **options):
+    model, tokenizer = world_model.model, world_model.tokenizer
+    editable = resolve_edit_modules(model, spec)
+    editor = cls({name: (em.d_out, em.d_in) for name, em in editable.items()}, **options)
+    editor.setup(EditContext(model, tokenizer, {name: em.module for name, em in editable.items()}, statistics))
+    return editor, editable
+
+
+def edit_batch(world_model, requests):
+    return EditCollator(world_model.tokenizer)(requests).edit
+
+
+def test_target_values_are_optimised_for_all_requests_at_once_as_if_one_at_a_time(
+        small_world_model, small_edit_requests, statistics):
+    editor, _ = set_up(MemitEditor, small_world_model, statistics, z_steps=6, early_stop_nll=0.0)
+    model = small_world_model.model
+    block = model.get_submodule(editor.z_block)
+    requests = small_edit_requests[:3]
+
+    def values(batch):
+        return editor._target_values(model, block, editor._prompt_rows(batch), editor._kl_rows(batch),
+                                     batch.num_rows)
+
+    together = values(edit_batch(small_world_model, requests))
+    alone = torch.cat([values(edit_batch(small_world_model, [r])) for r in requests])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_target_values_make_the_new_targets_likelier(small_world_model, small_edit_requests, statistics):
+    editor, _ = set_up(MemitEditor, small_world_model, statistics, num_prefixes=0)
+    model = small_world_model.model
+    batch = edit_batch(small_world_model, small_edit_requests[:8])
+    rows = editor._prompt_rows(batch)
+    block = model.get_submodule(editor.z_block)
+    z = editor._target_values(model, block, rows, editor._kl_rows(batch), batch.num_rows)
+    with torch.no_grad(), _reading(block, torch.arange(8), rows.subject_last) as read:
+        model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
+    from rledit.editors.locate import _writing
+    from rledit.editing.losses import logits_at
+    import torch.nn.functional as F
+    targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
+
+    def nll(delta):
+        with torch.no_grad(), _writing(block, delta, rows.request_index, rows.subject_last):
+            return F.cross_entropy(logits_at(model, rows.input_ids, rows.attention_mask, rows.target_mask), targets)
+
+    assert nll(z - read[0]) < 0.8 * nll(torch.zeros_like(z))
+
+
+def test_the_last_module_writes_the_target_value_exactly_when_the_prior_is_weak(
+        small_world_model, small_edit_requests, statistics):
+    """With no prefixes (keys = the bare prompt's) and a tiny prior, MEMIT's last layer maps each key to its
+    residual, so the block's output at the subject becomes z."""
+    editor, editable = set_up(MemitEditor, small_world_model, statistics, num_prefixes=0, mom2_weight=1e-6)
+    model = small_world_model.model
+    modules = {name: em.module for name, em in editable.items()}
+    batch = edit_batch(small_world_model, small_edit_requests[:6])
+    rows = editor._prompt_rows(batch)
+    block = model.get_submodule(editor.z_block)
+    z = editor._target_values(model, block, rows, editor._kl_rows(batch), 6)
+    update = editor.predict_update(model, modules, batch)
+    with functional_update(modules, update):
+        _, after = editor._keys_and_outputs(model, modules[ONE_LAYER], block, rows, 6)
+    _, before = editor._keys_and_outputs(model, modules[ONE_LAYER], block, rows, 6)
+    assert float((after - z).norm()) < 1e-3 * float((before - z).norm())
+
+
+@pytest.mark.parametrize("cls", [MemitEditor, AlphaEditEditor, EmmetEditor])
+def test_edits_revert_bit_exactly_and_the_key_memory_follows(cls, small_world_model, small_edit_requests,
+                                                            statistics):
+    editor, editable = set_up(cls, small_world_model, statistics, TWO_LAYERS, z_steps=3, edit_memory=1.0)
+    model = small_world_model.model
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    session = EditSession(model, editable, editor)
+    session.edit(edit_batch(small_world_model, small_edit_requests[:4]))
+    first_gram = {k: v.clone() for k, v in editor.key_memory.gram.items()}
+    session.edit(edit_batch(small_world_model, small_edit_requests[4:8]))
+    assert any(not torch.equal(p, original[n]) for n, p in model.named_parameters())
+    session.revert(1)
+    assert all(torch.equal(editor.key_memory.gram[k], v) for k, v in first_gram.items())
+    session.revert()
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    assert editor.key_memory.gram == {}
+
+
+def test_non_finite_statistics_refuse_the_edit_and_leave_the_model_as_it_was(
+        small_world_model, small_edit_requests, statistics):
+    editor, editable = set_up(MemitEditor, small_world_model, statistics, z_steps=2)
+    editor.second_moments[ONE_LAYER] = editor.second_moments[ONE_LAYER].clone().fill_(float("nan"))
+    model = small_world_model.model
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    session = EditSession(model, editable, editor)
+    with pytest.raises(EditRefusedError):
+        session.edit(edit_batch(small_world_model, small_edit_requests[:3]))
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+    assert editor.key_memory is None or editor.key_memory.steps == []
+
+
+def test_requests_without_their_subject_are_refused_before_and_during_editing(
+        small_world_model, small_edit_requests, statistics):
+    editor, editable = set_up(MemitEditor, small_world_model, statistics, z_steps=1)
+    good = small_edit_requests[0]
+    bad = EditRecord("no-subject", good.prompt, good.target_new, good.target_true, subject="Nobody")
+    with pytest.raises(DataError, match="record 1, field 'subject'.*'Nobody' of record 'no-subject'"):
+        require_subjects([good, bad], editor)
+    with pytest.raises(DataError, match=r"edit row\(s\) 1 .*subject"):
+        editor.predict_update(small_world_model.model, {n: em.module for n, em in editable.items()},
+                              edit_batch(small_world_model, [good, bad]))
+
+
+def test_editing_before_setup_is_a_clear_error(small_world_model, small_edit_requests):
+    editable = resolve_edit_modules(small_world_model.model, ONE_LAYER)
+    editor = MemitEditor({n: (em.d_out, em.d_in) for n, em in editable.items()})
+    with pytest.raises(ConfigError, match="setup"):
+        editor.predict_update(small_world_model.model, {n: em.module for n, em in editable.items()},
+                              edit_batch(small_world_model, small_edit_requests[:1]))
+    with pytest.raises(ConfigError, match="statistics"):
+        editor.setup(EditContext(small_world_model.model, small_world_model.tokenizer,
+                                 {n: em.module for n, em in editable.items()}, None))
