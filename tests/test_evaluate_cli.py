@@ -245,3 +245,23 @@ def test_heldout_text_file_is_read_line_by_line_and_a_missing_one_is_named(small
         len(experiment.data.heldout_text)
     with pytest.raises(ConfigError, match="nowhere.txt: no such file"):
         heldout_rows(compose_config([*small_world, f"heldout_text_file={tmp_path / 'nowhere.txt'}"]), experiment)
+
+
+def test_a_batch_size_sweep_edits_equal_totals_and_collects_into_one_table_and_plot(small_world, tmp_path):
+    from rledit.evaluation import sweep
+
+    for editor, per_step, options in (("training_free", 2, []), ("training_free", 6, []),
+                                      ("memit", 6, ["editor.build.z_steps=2"])):
+        run_in_process([*small_world, f"editor={editor}", f"edits_per_step={per_step}", "total_edits=12",
+                        "metrics.generation=false", "stats.num_tokens=500", "stats.source.num_texts=40",
+                        f"stats.cache_dir={tmp_path / 'cache'}", *options,
+                        f"run_dir={tmp_path / 'sweep' / f'{editor}-{per_step}'}"])
+    sweep.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
+    with (tmp_path / "table" / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["editor"], r["num_steps"], r["edits_per_step"]) for r in rows] == \
+        [("memit", "2", "6"), ("training_free", "6", "2"), ("training_free", "2", "6")]
+    assert all(r["num_requests"] == "12" for r in rows)
+    assert matplotlib.image.imread(tmp_path / "table" / "comparison.png").shape[1] > 1000
+    with pytest.raises(ConfigError, match="total_edits=12 is not a multiple of edits_per_step=5"):
+        run_in_process([*small_world, "edits_per_step=5", "total_edits=12", f"run_dir={tmp_path / 'bad'}"])

@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:
-    protocol = Protocol(num_steps=cfg.num_steps, edits_per_step=cfg.edits_per_step, eval_timing=cfg.eval_timing,
+    protocol = Protocol(num_steps=_num_steps(cfg), edits_per_step=cfg.edits_per_step, eval_timing=cfg.eval_timing,
                         curve_every=cfg.curve_every, seed=cfg.seed, eval_batch_size=cfg.eval_batch_size)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +73,16 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(format_table(result, experiment.data.skipped))
     print(f"results: {run_dir / 'results.json'}, {run_dir / 'per_step.csv'}, {plot}")
     return document
+
+
+def _num_steps(cfg: DictConfig) -> int:
+    """num_steps, or total_edits / edits_per_step when total_edits is set (a sweep over batch sizes)."""
+    total = cfg.get("total_edits")
+    if total is None:
+        return cfg.num_steps
+    if total % cfg.edits_per_step:
+        raise ConfigError(f"total_edits={total} is not a multiple of edits_per_step={cfg.edits_per_step}")
+    return total // cfg.edits_per_step
 
 
 def _editor(cfg: DictConfig, experiment: Experiment) -> tuple[Editor, dict[str, Any]]:
