@@ -132,7 +132,7 @@ def edit_batch(world_model, requests):
 
 def test_target_values_are_optimised_for_all_requests_at_once_as_if_one_at_a_time(
         small_world_model, small_edit_requests, statistics):
-    editor, _ = set_up(MemitEditor, small_world_model, statistics, z_steps=6, early_stop_nll=0.0)
+    editor, _ = set_up(MemitEditor, small_world_model, statistics, z_steps=8, early_stop_nll=2.0)
     model = small_world_model.model
     block = model.get_submodule(editor.z_block)
     requests = small_edit_requests[:3]

@@ -89,24 +89,24 @@ def poison_hypernetwork_output(monkeypatch, session: RecordingSession, at: int) 
 
 
 def poison_solution(monkeypatch, session: RecordingSession, at: int) -> None:
-    solve = ridge_solve._spd_solve
+    solve = ridge_solve.spd_solve
 
     def faulty(A, B):
         solution = solve(A, B)
         return solution * float("nan") if session.step == at else solution
 
-    monkeypatch.setattr(ridge_solve, "_spd_solve", faulty)
+    monkeypatch.setattr(ridge_solve, "spd_solve", faulty)
 
 
 def fail_solve(monkeypatch, session: RecordingSession, at: int) -> None:
-    solve = ridge_solve._spd_solve
+    solve = ridge_solve.spd_solve
 
     def faulty(A, B):
         if session.step == at:
             raise torch.linalg.LinAlgError("ridge system is not positive definite even with jitter")
         return solve(A, B)
 
-    monkeypatch.setattr(ridge_solve, "_spd_solve", faulty)
+    monkeypatch.setattr(ridge_solve, "spd_solve", faulty)
 
 
 FAULTS: dict[str, Callable] = {"captured factors": poison_captured_keys,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from rledit.editing.update import ModuleUpdate
-from rledit.editors.locate import LocateEditor, spd_solve
+from rledit.editors.locate import LocateEditor
+from rledit.editors.ridge_solve import spd_solve
 
 
 class EmmetEditor(LocateEditor):
@@ -22,4 +23,4 @@ class EmmetEditor(LocateEditor):
         A_inv_KT = spd_solve(self.preserved(name), K.T)  # d_in x N
         S = K @ A_inv_KT
         S = S + self.options["ridge"] * S.diagonal().mean() * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-        return ModuleUpdate(P=spd_solve(S, residuals).float(), Q=A_inv_KT.T.float())
+        return ModuleUpdate(P=spd_solve(S, residuals.double()).float(), Q=A_inv_KT.T.float())

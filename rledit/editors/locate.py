@@ -18,7 +18,6 @@ keys committed earlier in the sequence (AlphaEdit's cache, sequential MEMIT), re
 
 from __future__ import annotations
 
-import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -174,9 +173,10 @@ class LocateEditor(Editor):
 
     def _target_values(self, model: nn.Module, block: nn.Module, rows: TokenizedBatch, kl_rows: TokenizedBatch,
                        n: int) -> torch.Tensor:
+        """z = h + delta for every request; a request stops (its rows leave the batch, its delta is frozen) once
+        its target NLL is below `early_stop_nll`, as it would optimised alone."""
         o = self.options
         bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=rows.input_ids.device)
-        kl_last = _last_token_mask(kl_rows)
         with torch.no_grad():
             with _reading(block, bare, rows.subject_last[bare], stop=True) as read:
                 try:
@@ -184,34 +184,32 @@ class LocateEditor(Editor):
                 except _Read:
                     pass
             h = read[0].float()
-            kl_reference = logits_at(model, kl_rows.input_ids, kl_rows.attention_mask, kl_last).float().log_softmax(-1)
+            kl_reference = _last_log_probs(model, kl_rows)
+        h_norm = h.norm(dim=-1)
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=o["z_lr"])
-        targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
-        token_rows = rows.target_mask.nonzero()[:, 0]
-        tokens_per_row = rows.target_mask.sum(-1).clamp(min=1).float()
-        rows_per_request = float(1 + len(self.prefixes))
-        h_norm = h.norm(dim=-1, keepdim=True)
+        active = torch.ones(n, dtype=torch.bool, device=h.device)
         with torch.enable_grad():
             for _ in range(o["z_steps"]):
-                with _writing(block, delta, rows.request_index, rows.subject_last):
-                    logits = logits_at(model, rows.input_ids, rows.attention_mask, rows.target_mask)
-                nll = F.cross_entropy(logits.float(), targets, reduction="none")
-                per_row = torch.zeros(rows.num_rows, device=nll.device).index_add(0, token_rows, nll) / tokens_per_row
-                per_request = torch.zeros(n, device=nll.device).index_add(0, rows.request_index, per_row) \
-                    / rows_per_request
-                if float(per_request.detach().max()) < o["early_stop_nll"]:
+                part = _rows_of(rows, active)
+                nll = _request_nll(model, block, delta, part, n, 1 + len(self.prefixes))
+                active &= nll.detach() >= o["early_stop_nll"]
+                if not bool(active.any()):
                     break
-                with _writing(block, delta, kl_rows.request_index, kl_rows.subject_last):
-                    kl_logp = logits_at(model, kl_rows.input_ids, kl_rows.attention_mask, kl_last).float().log_softmax(-1)
-                kl = (kl_reference.exp() * (kl_reference - kl_logp)).sum(-1)
-                decay = (delta.norm(dim=-1) / h_norm.squeeze(-1)) ** 2
-                loss = (per_request + o["kl_factor"] * kl + o["weight_decay"] * decay).sum()
+                kl_part = _rows_of(kl_rows, active)
+                with _writing(block, delta, kl_part.request_index, kl_part.subject_last):
+                    kl_logp = _last_log_probs(model, kl_part)
+                kl = (kl_reference[kl_part.request_index].exp()
+                      * (kl_reference[kl_part.request_index] - kl_logp)).sum(-1)
+                decay = (delta.norm(dim=-1) / h_norm) ** 2
+                loss = (nll + o["weight_decay"] * decay)[active].sum() + o["kl_factor"] * kl.sum()
+                frozen = delta.detach()[~active].clone()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    limit = o["clamp_norm"] * h_norm
+                    delta[~active] = frozen
+                    limit = o["clamp_norm"] * h_norm[:, None]
                     delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
         return h + delta.detach()
 
@@ -319,10 +317,32 @@ def _padded(ids: list[list[int]], labels: list[list[int]], requests: list[int], 
                           None, located).to(device)
 
 
-def _last_token_mask(rows: TokenizedBatch) -> torch.Tensor:
+def _last_log_probs(model: nn.Module, rows: TokenizedBatch) -> torch.Tensor:
+    """Next-token log-probabilities after each row's last token."""
     mask = torch.zeros_like(rows.attention_mask, dtype=torch.bool)
-    mask[torch.arange(rows.num_rows), rows.attention_mask.sum(-1) - 1] = True
-    return mask
+    mask[torch.arange(rows.num_rows, device=mask.device), rows.attention_mask.sum(-1) - 1] = True
+    return logits_at(model, rows.input_ids, rows.attention_mask, mask).float().log_softmax(-1)
+
+
+def _rows_of(rows: TokenizedBatch, requests: torch.Tensor) -> TokenizedBatch:
+    """The rows whose request is True in `requests` (n,), request indices unchanged."""
+    keep = requests[rows.request_index]
+    return TokenizedBatch(**{name: None if value is None else value[keep]
+                             for name, value in vars(rows).items()})
+
+
+def _request_nll(model: nn.Module, block: nn.Module, delta: torch.Tensor, rows: TokenizedBatch, n: int,
+                 rows_per_request: int) -> torch.Tensor:
+    """(n,) each request's mean over its rows of the mean target-token NLL, with delta written at the subject
+    (0 for requests without rows here)."""
+    with _writing(block, delta, rows.request_index, rows.subject_last):
+        logits = logits_at(model, rows.input_ids, rows.attention_mask, rows.target_mask)
+    targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
+    token_rows = rows.target_mask.nonzero()[:, 0]
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    per_row = torch.zeros(rows.num_rows, device=nll.device).index_add(0, token_rows, nll) \
+        / rows.target_mask.sum(-1).clamp(min=1).float()
+    return torch.zeros(n, device=nll.device).index_add(0, rows.request_index, per_row) / rows_per_request
 
 
 @torch.no_grad()
@@ -339,17 +359,3 @@ def _sample_prefixes(model: nn.Module, tokenizer, count: int, length: int, seed:
                              max_new_tokens=length, min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
     specials = set(tokenizer.all_special_ids)
     return [[t for t in row.tolist() if t not in specials] for row in out[:, 1:]]
-
-
-def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """A^-1 B in fp64 for symmetric positive (semi)definite A, by Cholesky with a tiny jitter if needed."""
-    refuse_non_finite("locate-then-edit solve refused", {"system matrix": A, "right-hand side": B})
-    A64, B64 = A.double(), B.double()
-    scale = A64.diagonal().abs().mean().clamp(min=1e-30)
-    eye = torch.eye(A64.shape[0], dtype=A64.dtype, device=A64.device)
-    for jitter in (0.0, 1e-10, 1e-8, 1e-6):
-        L, info = torch.linalg.cholesky_ex(A64 + jitter * scale * eye)
-        if int(info) == 0:
-            return torch.cholesky_solve(B64, L)
-    warnings.warn("locate-then-edit solve: system not positive definite, solving by least squares")
-    return torch.linalg.lstsq(A64, B64).solution

@@ -18,7 +18,7 @@ import torch
 from rledit.editing.update import ModuleUpdate, refuse_non_finite
 
 
-def _spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Solve A X = B for symmetric positive definite A, adding diagonal jitter until Cholesky succeeds.
 
     A LinAlgError means a finite system that is not positive definite; a non-finite one is refused (with
@@ -49,15 +49,15 @@ def ridge_update(keys: torch.Tensor, value_shifts: torch.Tensor, ridge: torch.Te
     n, d_in = K.shape
     if memory is not None:
         R = memory.to(dtype) + ridge * torch.eye(d_in, dtype=K.dtype, device=K.device)
-        Q = _spd_solve(R, K.T).T
-        return ModuleUpdate(P=_spd_solve(Q @ K.T + torch.eye(n, dtype=K.dtype, device=K.device), D), Q=Q)
+        Q = spd_solve(R, K.T).T
+        return ModuleUpdate(P=spd_solve(Q @ K.T + torch.eye(n, dtype=K.dtype, device=K.device), D), Q=Q)
     if form == "auto":
         form = "dual" if n < d_in else "primal"
     if form == "dual":
         A = K @ K.T + ridge * torch.eye(n, dtype=K.dtype, device=K.device)
-        return ModuleUpdate(P=_spd_solve(A, D), Q=K)
+        return ModuleUpdate(P=spd_solve(A, D), Q=K)
     if form == "primal":
         eye = torch.eye(d_in, dtype=K.dtype, device=K.device)
-        S = _spd_solve(K.T @ K + ridge * eye, K.T @ D)
+        S = spd_solve(K.T @ K + ridge * eye, K.T @ D)
         return ModuleUpdate(P=S, Q=eye)
     raise ValueError(f"ridge form {form!r}: expected 'dual', 'primal' or 'auto'")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from rledit.editing.update import ModuleUpdate
-from rledit.editors.locate import LocateEditor, spd_solve
+from rledit.editors.locate import LocateEditor
+from rledit.editors.ridge_solve import spd_solve
 from rledit.errors import ConfigError
 
 

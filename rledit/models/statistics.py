@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ class PreservedStatistics:
         folder = self.cache_dir / self._key(model)
         found = {name: self._read(folder / f"{name}.safetensors") for name in modules}
         missing = {name: modules[name] for name, value in found.items() if value is None}
+        started = time.perf_counter()
         if missing:
             texts = self.source.texts(model, tokenizer, self.records)
             batches = token_batches(texts, tokenizer, self.batch_size, self.max_length)
@@ -160,7 +162,8 @@ class PreservedStatistics:
             for name, matrix in computed.items():
                 self._write(folder / f"{name}.safetensors", matrix)
                 found[name] = matrix
-        self.computed = {"cache": str(folder), "computed_now": sorted(missing)}
+        self.computed = {"cache": str(folder), "computed_now": sorted(missing),
+                         "seconds": round(time.perf_counter() - started, 3)}
         device = next(model.parameters()).device
         return {name: found[name].to(device) for name in modules}
 
