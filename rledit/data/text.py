@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from rledit.data.records import EditRecord
 from rledit.errors import ConfigError
@@ -85,7 +86,8 @@ class SampledText:
         device = next(model.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            for first in range(0, self.num_texts, self.batch_size):
+            for first in tqdm(range(0, self.num_texts, self.batch_size), desc="sampling text from the model",
+                              unit="batch", leave=False):
                 rows = min(self.batch_size, self.num_texts - first)
                 prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
