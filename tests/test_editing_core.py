@@ -204,7 +204,7 @@ def test_non_finite_update_is_refused_and_weights_untouched(tiny_llama, where, b
 
 
 def test_malformed_updates_are_refused(tiny_llama):
-    model, editable = tiny_llama
+    _, editable = tiny_llama
     ledger = UpdateLedger({n: em.weight_view() for n, em in editable.items()})
     name = next(iter(editable))
     with pytest.raises(EditRefusedError, match="unknown modules"):

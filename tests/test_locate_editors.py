@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rledit.data.collate import EditCollator
 from rledit.data.records import EditRecord
 from rledit.data.text import SampledText
 from rledit.editing.functional import functional_update
+from rledit.editing.losses import logits_at
 from rledit.editing.session import EditSession
 from rledit.editors.alphaedit import AlphaEditEditor
 from rledit.editors.base import EditContext
 from rledit.editors.emmet import EmmetEditor
-from rledit.editors.locate import _reading
+from rledit.editors.locate import _reading, _writing
 from rledit.editors.memit import MemitEditor
 from rledit.editors.rome import RomeEditor
 from rledit.errors import ConfigError, DataError, EditRefusedError
@@ -155,9 +157,6 @@ def test_target_values_make_the_new_targets_likelier(small_world_model, small_ed
     z = editor._target_values(model, block, rows, editor._kl_rows(batch), batch.num_rows)
     with torch.no_grad(), _reading(block, torch.arange(8), rows.subject_last) as read:
         model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
-    from rledit.editors.locate import _writing
-    from rledit.editing.losses import logits_at
-    import torch.nn.functional as F
     targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
 
     def nll(delta):

@@ -19,7 +19,7 @@ from rledit.models.layers import resolve_edit_modules
 from rledit.training.rollout import Objective, _locality_look_back, _look_back, rollout
 from tests.test_collate import build_word_tokenizer
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 
 def make_records(n: int) -> list[EditRecord]:

@@ -49,10 +49,10 @@ class LocateEditor(Editor):
         if z_steps < 1 or z_lr <= 0 or clamp_norm <= 0 or num_prefixes < 0 or prefix_length < 1 or mom2_weight < 0:
             raise ConfigError(f"{type(self).__name__}: need z_steps >= 1, z_lr > 0, clamp_norm > 0, "
                               f"num_prefixes >= 0, prefix_length >= 1 and mom2_weight >= 0")
-        self.options = dict(mom2_weight=mom2_weight, edit_memory=edit_memory, z_steps=z_steps, z_lr=z_lr,
-                            clamp_norm=clamp_norm, kl_factor=kl_factor, weight_decay=weight_decay,
-                            num_prefixes=num_prefixes, prefix_length=prefix_length, kl_suffix=kl_suffix,
-                            early_stop_nll=early_stop_nll, seed=seed)
+        self.options = {"mom2_weight": mom2_weight, "edit_memory": edit_memory, "z_steps": z_steps, "z_lr": z_lr,
+                        "clamp_norm": clamp_norm, "kl_factor": kl_factor, "weight_decay": weight_decay,
+                        "num_prefixes": num_prefixes, "prefix_length": prefix_length, "kl_suffix": kl_suffix,
+                        "early_stop_nll": early_stop_nll, "seed": seed}
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
         self.second_moments: dict[str, torch.Tensor] = {}
         self.prefixes: list[list[int]] = []

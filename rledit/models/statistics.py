@@ -83,16 +83,27 @@ def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module]
     return {name: (total / count).float() for name, total in sums.items()}, count
 
 
-def token_batches(texts: Iterable[str], tokenizer, batch_size: int, max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask) batches of `batch_size` texts, each cut at `max_length` tokens."""
-    chunk: list[str] = []
+def token_batches(texts: Iterable[str], tokenizer, batch_size: int, max_length: int,
+                  window: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask) batches of `batch_size` texts, each cut at `max_length` tokens.
+
+    Texts are read `window` batches at a time and sorted by length inside the window, so a batch holds texts
+    of about one length: with text of mixed lengths (headings and paragraphs) most of the padding goes."""
+    pending: list[str] = []
     for text in texts:
-        chunk.append(text)
-        if len(chunk) == batch_size:
-            yield _pad(tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"], tokenizer.pad_token_id)
-            chunk = []
-    if chunk:
-        yield _pad(tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"], tokenizer.pad_token_id)
+        pending.append(text)
+        if len(pending) == batch_size * window:
+            yield from _sorted_batches(pending, tokenizer, batch_size, max_length)
+            pending = []
+    if pending:
+        yield from _sorted_batches(pending, tokenizer, batch_size, max_length)
+
+
+def _sorted_batches(texts: list[str], tokenizer, batch_size: int,
+                    max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    rows = sorted(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], key=len)
+    for start in range(0, len(rows), batch_size):
+        yield _pad(rows[start:start + batch_size], tokenizer.pad_token_id)
 
 
 def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
