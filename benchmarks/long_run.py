@@ -17,7 +17,8 @@ reverted, and grows by design. Reported, against the state after the first hundr
                speed of a step drifts by +-30% with their load within one run; the reference pass
                drifts with it, and what is left is the cost of the step itself. Both are process CPU
                time. The unreferenced ratios (CPU time and wall time) are reported too.
-Exit status 1 when rss_growth exceeds RSS_LIMIT or time_ratio leaves [1 - TIME_LIMIT, 1 + TIME_LIMIT].
+Exit status 1 when rss_growth exceeds RSS_LIMIT or both time_ratio and cpu_time_ratio leave
+[1 - TIME_LIMIT, 1 + TIME_LIMIT].
 """
 
 from __future__ import annotations
@@ -98,8 +99,15 @@ class LongRunReport:
     wall_time_ratio: float
 
     @property
+    def time_is_flat(self) -> bool:
+        """Step time grew by no more than TIME_LIMIT by the referenced or by the raw CPU-time ratio: a cost that
+        grows with the sequence raises both, while a shared machine's load swings one of them alone (measured:
+        referenced 1.23 beside CPU time 0.97 in the same run)."""
+        return min(abs(self.time_ratio - 1), abs(self.cpu_time_ratio - 1)) <= TIME_LIMIT
+
+    @property
     def within_limits(self) -> bool:
-        return self.rss_growth <= RSS_LIMIT and abs(self.time_ratio - 1) <= TIME_LIMIT
+        return self.rss_growth <= RSS_LIMIT and self.time_is_flat
 
 
 def long_run(steps: int = 100, edits_per_step: int = 20, threads: int = 1,
