@@ -76,6 +76,18 @@ def _cat_located(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
     return None if any(p is None for p in parts) else torch.cat(list(parts))
 
 
+def pad_right(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one right-padded (B x T) tensor filled with `value`, and the mask
+    (1 on real tokens)."""
+    width = max(len(r) for r in rows)
+    padded = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return padded, mask
+
+
 def _to(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rledit.data.collate import IGNORE_INDEX, TokenizedBatch
+from rledit.data.collate import IGNORE_INDEX, TokenizedBatch, pad_right
 from rledit.editing.functional import functional_update
 from rledit.editing.losses import logits_at
 from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
@@ -302,14 +302,8 @@ def _writing(block: nn.Module, delta: torch.Tensor, requests: torch.Tensor, posi
 
 def _padded(ids: list[list[int]], labels: list[list[int]], requests: list[int], lasts: list[int],
             device: torch.device) -> TokenizedBatch:
-    width = max(len(r) for r in ids)
-    input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    label_ids = torch.full_like(input_ids, IGNORE_INDEX)
-    for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
-        input_ids[row, :len(row_ids)] = torch.tensor(row_ids)
-        attention_mask[row, :len(row_ids)] = 1
-        label_ids[row, :len(row_labels)] = torch.tensor(row_labels)
+    input_ids, attention_mask = pad_right(ids, 0)
+    label_ids, _ = pad_right(labels, IGNORE_INDEX)
     target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     target_mask[:, :-1] = label_ids[:, 1:] != IGNORE_INDEX
     located = torch.tensor(lasts)

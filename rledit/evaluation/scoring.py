@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from rledit.data.collate import IGNORE_INDEX, EditBatch, EditCollator, TokenizedBatch
+from rledit.data.collate import IGNORE_INDEX, EditBatch, EditCollator, TokenizedBatch, pad_right
 from rledit.data.records import EditRecord, LocalityPair
 from rledit.editing.losses import forward_logits
 from rledit.errors import ConfigError
@@ -89,12 +89,7 @@ def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_leng
     if not texts:
         raise ConfigError("held-out text for perplexity is empty")
     encoded = tokenizer(list(texts), truncation=max_length is not None, max_length=max_length)["input_ids"]
-    length = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        attention_mask[row, :len(ids)] = 1
+    input_ids, attention_mask = pad_right(encoded, tokenizer.pad_token_id)
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     target_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
     target_mask[:, :-1] = attention_mask[:, 1:].bool()

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rledit.atomic_write import partial_path
+from rledit.data.collate import pad_right
 from rledit.data.records import EditRecord
 from rledit.errors import ConfigError
 
@@ -103,17 +104,7 @@ def _sorted_batches(texts: list[str], tokenizer, batch_size: int,
                     max_length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     rows = sorted(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"], key=len)
     for start in range(0, len(rows), batch_size):
-        yield _pad(rows[start:start + batch_size], tokenizer.pad_token_id)
-
-
-def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
+        yield pad_right(rows[start:start + batch_size], tokenizer.pad_token_id)
 
 
 def model_fingerprint(model: nn.Module) -> str:
