@@ -78,22 +78,31 @@ class SampledText:
     def identity(self, records: Sequence[EditRecord]) -> dict[str, Any]:
         return {"kind": "sampled", **asdict(self)}
 
-    @torch.no_grad()
     def texts(self, model, tokenizer, records: Sequence[EditRecord]) -> Iterator[str]:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if start is None:
-            raise ConfigError("stats.source=sampled needs a tokenizer with a BOS or EOS token to start from")
-        device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            for first in tqdm(range(0, self.num_texts, self.batch_size), desc="sampling text from the model",
-                              unit="batch", leave=False):
-                rows = min(self.batch_size, self.num_texts - first)
-                prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                     top_k=self.top_k, max_new_tokens=self.length, min_new_tokens=self.length,
-                                     pad_token_id=tokenizer.pad_token_id)
-                yield from tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+        for rows in sampled_token_rows(model, tokenizer, self.num_texts, self.length, self.seed, self.top_k,
+                                       self.batch_size):
+            yield from tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sampled_token_rows(model, tokenizer, count: int, length: int, seed: int, top_k: int,
+                       batch_size: int) -> Iterator[torch.Tensor]:
+    """`count` rows of `length` tokens the model samples from its first token, `batch_size` rows at a time,
+    seeded once (the caller's random state is left as it was)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ConfigError("sampling text from the model needs a tokenizer with a BOS or EOS token to start from")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for first in tqdm(range(0, count, batch_size), desc="sampling text from the model", unit="batch",
+                          leave=False):
+            rows = min(batch_size, count - first)
+            prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                 top_k=top_k, max_new_tokens=length, min_new_tokens=length,
+                                 pad_token_id=tokenizer.pad_token_id)
+            yield out[:, 1:]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rledit.data.collate import IGNORE_INDEX, TokenizedBatch, pad_right
+from rledit.data.text import sampled_token_rows
 from rledit.editing.functional import functional_update
 from rledit.editing.losses import logits_at
 from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
@@ -339,17 +340,10 @@ def _request_nll(model: nn.Module, block: nn.Module, delta: torch.Tensor, rows: 
     return torch.zeros(n, device=nll.device).index_add(0, rows.request_index, per_row) / rows_per_request
 
 
-@torch.no_grad()
 def _sample_prefixes(model: nn.Module, tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
-    """`count` texts of `length` tokens the model writes from its first token (seeded), as token ids."""
+    """`count` texts of `length` tokens the model writes from its first token (seeded, top-5 as ROME), as ids."""
     if count == 0:
         return []
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    prompt = torch.full((count, 1), start, dtype=torch.long, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=5,
-                             max_new_tokens=length, min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
     specials = set(tokenizer.all_special_ids)
-    return [[t for t in row.tolist() if t not in specials] for row in out[:, 1:]]
+    rows = torch.cat(list(sampled_token_rows(model, tokenizer, count, length, seed, top_k=5, batch_size=count)))
+    return [[t for t in row.tolist() if t not in specials] for row in rows]
