@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rledit.data.collate import EditCollator
+from rledit.data.collate import EditCollator, TokenizedBatch
 from rledit.data.records import EditRecord
 from rledit.data.text import SampledText
 from rledit.editing.functional import functional_update
@@ -16,7 +16,7 @@ from rledit.editing.session import EditSession
 from rledit.editors.alphaedit import AlphaEditEditor
 from rledit.editors.base import EditContext
 from rledit.editors.emmet import EmmetEditor
-from rledit.editors.locate import _reading, _writing
+from rledit.editors.locate import _reading, _SuffixPass, _writing
 from rledit.editors.memit import MemitEditor
 from rledit.editors.rome import RomeEditor
 from rledit.errors import ConfigError, DataError, EditRefusedError
@@ -146,6 +146,30 @@ def test_target_values_are_optimised_for_all_requests_at_once_as_if_one_at_a_tim
     together = values(edit_batch(small_world_model, requests))
     alone = torch.cat([values(edit_batch(small_world_model, [r])) for r in requests])
     assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_suffix_pass_gives_the_logits_of_whole_rows(small_world_model, small_edit_requests, statistics):
+    """Running only the tokens from the subject's last one on, on the cached rest, gives the logits a whole
+    forward pass gives with the same delta written at the subject; for any subset of the rows, and for a
+    row whose subject's last token comes first."""
+    editor, _ = set_up(MemitEditor, small_world_model, statistics, num_prefixes=2)
+    model = small_world_model.model
+    block = model.get_submodule(editor.z_block)
+    batch = edit_batch(small_world_model, small_edit_requests[:4])
+    rows = TokenizedBatch.concat([editor._prompt_rows(batch), editor._kl_rows(batch)])
+    first = rows.subject_last.clone()
+    first[0] = 0
+    rows = TokenizedBatch(**{**vars(rows), "subject_last": first})
+    scored = rows.target_mask.clone()
+    scored[torch.arange(rows.num_rows), rows.attention_mask.sum(-1) - 1] = True
+    delta = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    suffixes = _SuffixPass(model, rows, scored)
+    for keep in (torch.ones(rows.num_rows, dtype=torch.bool), torch.arange(rows.num_rows) % 3 != 1):
+        with torch.no_grad(), _writing(block, delta, rows.request_index[keep], rows.subject_last[keep]):
+            whole = logits_at(model, rows.input_ids[keep], rows.attention_mask[keep], scored[keep])
+        with torch.no_grad():
+            _, part = suffixes.run(block, delta, keep)
+        torch.testing.assert_close(part, whole, rtol=1e-4, atol=1e-4)
 
 
 def test_target_values_make_the_new_targets_likelier(small_world_model, small_edit_requests, statistics):

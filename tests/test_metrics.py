@@ -14,20 +14,21 @@ from rledit.data.records import EditRecord, LocalityPair
 from rledit.data.synthetic.pretrain import model_config
 from rledit.data.synthetic.tokenizer import build_tokenizer
 from rledit.data.synthetic.world import build_world
-from rledit.editing.losses import forward_logits
+from rledit.editing.losses import forward_logits, shifted
 from rledit.evaluation.metrics import (
+    RowScores,
     agreement,
     mean_over_requests,
     per_request_mean,
     perplexity,
     prefers,
-    row_scores,
+    rows_from_tokens,
 )
 from rledit.evaluation.scoring import (
     RequestScorer,
     greedy_exact_match,
-    row_chunks,
     score_rows,
+    scoring_plan,
     swapped_targets,
     text_rows,
 )
@@ -63,9 +64,19 @@ def log_softmax_at(values: list[float], index: int) -> float:
     return values[index] - math.log(sum(math.exp(v) for v in values))
 
 
+def full_logit_scores(logits: torch.Tensor, labels: torch.Tensor) -> RowScores:
+    """The reference: log-softmax over the whole (B x T x V) logits, read at the target tokens."""
+    logits, labels, mask = shifted(logits, labels)
+    log_softmax = logits.double().log_softmax(-1)
+    rows, positions = mask.nonzero(as_tuple=True)
+    targets = labels[rows, positions]
+    return rows_from_tokens(log_softmax[rows, positions, targets], logits[rows, positions].argmax(-1), targets,
+                            rows, labels.shape[0])
+
+
 def test_row_scores_on_multi_token_targets_and_padding():
     logits, labels = hand_built()
-    scores = row_scores(logits, labels)
+    scores = full_logit_scores(logits, labels)
     torch.testing.assert_close(scores.token_accuracy, torch.tensor([2 / 3, 0.0], dtype=torch.float64))
     assert scores.num_tokens.tolist() == [3, 1]
     assert [p.tolist() for p in scores.predictions] == [[2, 1, 1], [0]]
@@ -114,30 +125,43 @@ def tiny():
 
 def one_row(batch: TokenizedBatch, row: int) -> TokenizedBatch:
     """Row `row` alone, without its padding."""
-    alone = TokenizedBatch(**{f.name: getattr(batch, f.name)[row:row + 1] for f in dataclasses.fields(batch)})
-    return next(row_chunks(alone, 1))
+    length = int(batch.attention_mask[row].sum())
+    return TokenizedBatch(**{f.name: None if getattr(batch, f.name) is None else
+                             getattr(batch, f.name)[row:row + 1, :length] if getattr(batch, f.name).ndim == 2
+                             else getattr(batch, f.name)[row:row + 1] for f in dataclasses.fields(batch)})
 
 
-def test_chunked_scoring_equals_one_pass_per_row(tiny):
+def test_chunked_scoring_equals_one_full_pass_per_row(tiny):
+    """Rows sharing prompts (new and true targets) and targets of several lengths, scored together in
+    chunks, give what a full-vocabulary pass over each row alone gives."""
     _, tokenizer, model, records = tiny
-    batch = EditCollator(tokenizer)(records[:9]).rephrase
+    collator = EditCollator(tokenizer)
+    batch = TokenizedBatch.concat([collator(records[:9]).rephrase, collator(records[:9]).edit,
+                                   collator([swapped_targets(r) for r in records[:9]]).edit])
     chunked = score_rows(model, batch, chunk_rows=4)
-    assert len(chunked.predictions) == batch.input_ids.shape[0] > 8
-    for row in range(batch.input_ids.shape[0]):
+    assert len(chunked.predictions) == batch.num_rows > 16
+    for row in range(batch.num_rows):
         single = one_row(batch, row)
-        alone = row_scores(forward_logits(model, single), single.labels)
+        alone = full_logit_scores(forward_logits(model, single), single.labels)
         torch.testing.assert_close(chunked.log_prob_sum[row:row + 1], alone.log_prob_sum, rtol=1e-5, atol=1e-5)
         assert chunked.predictions[row].tolist() == alone.predictions[0].tolist()
+        assert chunked.num_tokens[row] == alone.num_tokens[0]
 
 
-def test_row_chunks_trim_padding_columns(tiny):
-    _, tokenizer, _, records = tiny
-    batch = EditCollator(tokenizer)(records[:6]).locality
-    chunks = list(row_chunks(batch, 5))
-    assert [c.input_ids.shape[0] for c in chunks] == [5, 5, 2]
-    for chunk in chunks:
-        assert chunk.attention_mask[:, -1].any()  # no column that every row pads
-    assert torch.equal(torch.cat([c.request_index for c in chunks]), batch.request_index)
+def test_scoring_plan_runs_each_needed_prefix_once():
+    """Row 1's needed tokens are a prefix of row 0's, row 2 repeats row 0: one sequence serves all three."""
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0], [5, 6, 7, 8, 0], [5, 4, 3, 2, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, -100, 9, -100, -100], [-100, -100, 7, 8, -100],
+                           [-100, -100, -100, -100, 1]])
+    plan = scoring_plan(TokenizedBatch(ids, mask, labels, mask.bool(), torch.arange(4)))
+    assert plan.sequences == [(5, 6, 7), (5, 4, 3, 2)]
+    assert plan.token_sequence.tolist() == [0, 0, 0, 0, 0, 1]
+    assert plan.token_position.tolist() == [1, 2, 1, 1, 2, 3]
+    assert plan.token_target.tolist() == [7, 8, 9, 7, 8, 1]
+    assert plan.tokens_run == 7
+    with pytest.raises(ValueError, match="right-padded"):
+        scoring_plan(TokenizedBatch(ids, mask.flip(-1), labels, mask.bool(), torch.arange(4)))
 
 
 def greedy_reference(model, prompt_ids: list[int], steps: int) -> list[int]:
@@ -162,7 +186,7 @@ def test_greedy_exact_match_follows_unpadded_greedy_decoding(tiny):
     # prompts of different lengths and targets of 1-3 words, so left-padding and cut-off both matter
     mixed = [*own_continuations[:6], *records[:3]]
     batch = EditCollator(tokenizer)(mixed).edit
-    matches = greedy_exact_match(model, batch, chunk_rows=4, pad_token_id=tokenizer.pad_token_id)
+    matches = greedy_exact_match(score_rows(model, batch, chunk_rows=4))
     expected = [1.0] * 6 + [float(greedy_reference(model, tokenizer(r.prompt)["input_ids"], len(
         tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"])) ==
         tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"]) for r in records[:3]]

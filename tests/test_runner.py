@@ -118,9 +118,9 @@ def test_refused_edits_are_counted_and_leave_the_model_as_it_was(world_model):
 
 
 class SlowScorer(RequestScorer):
-    def score(self, batch, reference=None):
+    def score(self, batch, reference=None, phase=None):
         time.sleep(1.0)
-        return super().score(batch, reference)
+        return super().score(batch, reference, phase)
 
 
 def test_edit_time_excludes_evaluation(world_model):

@@ -71,6 +71,11 @@ def logits_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     """Logits (number of True positions, vocab) at `positions` (B x T bool) only, row-major: the output head
     runs where a loss is scored instead of over every position and the whole vocabulary."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[positions])
+    return output_logits(model, hidden[positions])
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's output head (with its logit soft-capping, if any) on final hidden states."""
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -18,6 +18,9 @@ keys committed earlier in the sequence (AlphaEdit's cache, sequential MEMIT), re
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect
 from abc import abstractmethod
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -30,7 +33,7 @@ from torch import nn
 from rledit.data.collate import IGNORE_INDEX, TokenizedBatch, pad_right
 from rledit.data.text import sampled_token_rows
 from rledit.editing.functional import functional_update
-from rledit.editing.losses import logits_at
+from rledit.editing.losses import output_logits
 from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
 from rledit.editors.base import EditContext, Editor
 from rledit.editors.key_memory import KeyMemory
@@ -177,33 +180,38 @@ class LocateEditor(Editor):
         """z = h + delta for every request; a request stops (its rows leave the batch, its delta is frozen) once
         its target NLL is below `early_stop_nll`, as it would optimised alone."""
         o = self.options
-        bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=rows.input_ids.device)
+        both = TokenizedBatch.concat([rows, kl_rows])
+        is_kl = torch.arange(both.num_rows, device=both.input_ids.device) >= rows.num_rows
+        scored = both.target_mask.clone()
+        scored[is_kl.nonzero().flatten(), both.attention_mask[is_kl].sum(-1) - 1] = True  # KL: after the last token
+        suffixes = _SuffixPass(model, both, scored)
+        bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=both.input_ids.device)
         with torch.no_grad():
-            with _reading(block, bare, rows.subject_last[bare], stop=True) as read:
-                try:
-                    model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
-                except _Read:
-                    pass
-            h = read[0].float()
-            kl_reference = _last_log_probs(model, kl_rows)
+            h, logits = suffixes.run(block, None, torch.ones(both.num_rows, dtype=torch.bool), read_rows=bare)
+            kl_reference = logits[suffixes.token_row(is_kl)].float().log_softmax(-1)
         h_norm = h.norm(dim=-1)
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=o["z_lr"])
         active = torch.ones(n, dtype=torch.bool, device=h.device)
+        targets = both.labels[:, 1:][both.target_mask[:, :-1]]
+        target_rows = both.target_mask.nonzero()[:, 0]
         with torch.enable_grad():
             for _ in range(o["z_steps"]):
-                part = _rows_of(rows, active)
-                nll = _request_nll(model, block, delta, part, n, 1 + len(self.prefixes))
+                keep = active[both.request_index]
+                _, logits = suffixes.run(block, delta, keep)
+                prompt = (keep & ~is_kl)[target_rows]
+                nll = _request_nll(logits[suffixes.token_row(keep & ~is_kl, within=keep)], targets[prompt],
+                                   target_rows[prompt], both, n, 1 + len(self.prefixes))
+                kl_rows_now = keep & is_kl
+                kl_logp = logits[suffixes.token_row(kl_rows_now, within=keep)].float().log_softmax(-1)
+                reference = kl_reference[suffixes.token_row(kl_rows_now, within=is_kl)]
+                kl = (reference.exp() * (reference - kl_logp)).sum(-1)
+                decay = (delta.norm(dim=-1) / h_norm) ** 2
                 active &= nll.detach() >= o["early_stop_nll"]
                 if not bool(active.any()):
                     break
-                kl_part = _rows_of(kl_rows, active)
-                with _writing(block, delta, kl_part.request_index, kl_part.subject_last):
-                    kl_logp = _last_log_probs(model, kl_part)
-                kl = (kl_reference[kl_part.request_index].exp()
-                      * (kl_reference[kl_part.request_index] - kl_logp)).sum(-1)
-                decay = (delta.norm(dim=-1) / h_norm) ** 2
-                loss = (nll + o["weight_decay"] * decay)[active].sum() + o["kl_factor"] * kl.sum()
+                kl_requests = both.request_index[kl_rows_now]
+                loss = (nll + o["weight_decay"] * decay)[active].sum() + o["kl_factor"] * kl[active[kl_requests]].sum()
                 frozen = delta.detach()[~active].clone()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -312,32 +320,74 @@ def _padded(ids: list[list[int]], labels: list[list[int]], requests: list[int], 
                           None, located).to(device)
 
 
-def _last_log_probs(model: nn.Module, rows: TokenizedBatch) -> torch.Tensor:
-    """Next-token log-probabilities after each row's last token."""
-    mask = torch.zeros_like(rows.attention_mask, dtype=torch.bool)
-    mask[torch.arange(rows.num_rows, device=mask.device), rows.attention_mask.sum(-1) - 1] = True
-    return logits_at(model, rows.input_ids, rows.attention_mask, mask).float().log_softmax(-1)
+class _SuffixPass:
+    """Rows split at the subject's last token, where delta is written: nothing before it depends on delta, so
+    the keys and values of that part are computed once, and every optimisation step runs only the tokens
+    from the subject's last one on (a few per row instead of the whole prefix + prompt + target).
+
+    `scored` (B x T bool, row coordinates) marks the positions whose logits `run` returns, row-major.
+    """
+
+    def __init__(self, model: nn.Module, rows: TokenizedBatch, scored: torch.Tensor):
+        self.model, device = model, rows.input_ids.device
+        split = rows.subject_last.cpu()
+        first = torch.where(scored.cpu().any(-1), scored.cpu().float().argmax(-1), split)
+        if bool((first < split).any()):
+            raise DataError("locate-then-edit rows must score only positions from the subject's last token on")
+        ids, lengths = rows.input_ids.tolist(), rows.attention_mask.sum(-1).tolist()
+        # a row whose subject's last token comes first has nothing before it: one placeholder token, masked below
+        before_ids, before_mask = pad_right([row[:max(s, 1)] for row, s in zip(ids, split.tolist())], 0)
+        after_ids, after_mask = pad_right([row[s:n] for row, s, n in zip(ids, split.tolist(), lengths)], 0)
+        # transformers 5 renamed past_key_values to cache (in and out)
+        self.cache_keyword = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
+            else "past_key_values"
+        with torch.no_grad():
+            self.cache = model.base_model(input_ids=before_ids.to(device), attention_mask=before_mask.to(device),
+                                          position_ids=torch.arange(before_ids.shape[1]).expand_as(before_ids)
+                                          .to(device), use_cache=True)[self.cache_keyword]
+        before_mask[split == 0, 0] = 0
+        self.input_ids = after_ids.to(device)
+        self.attention_mask = torch.cat([before_mask, after_mask], -1).to(device)
+        self.position_ids = (split[:, None] + torch.arange(after_ids.shape[1])).to(device)
+        shift = torch.arange(after_ids.shape[1])[None, :] + split[:, None]
+        self.scored = scored.cpu().gather(-1, shift.clamp(max=scored.shape[1] - 1)) & after_mask.bool()
+        self.scored = self.scored.to(device)
+        self.request_index = rows.request_index
+        self._token_rows = self.scored.nonzero()[:, 0]
+
+    def run(self, block: nn.Module, delta: torch.Tensor | None, keep: torch.Tensor,
+            read_rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(block output at the subject of `read_rows`, logits at the scored positions of the rows in `keep`)
+        with delta[request] added to the block's output at each kept row's subject."""
+        rows = keep.nonzero().flatten()
+        cache = copy.deepcopy(self.cache)
+        if len(rows) < len(keep):
+            cache.batch_select_indices(rows)
+        at_subject = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+        with contextlib.ExitStack() as hooks:
+            if delta is not None:
+                hooks.enter_context(_writing(block, delta, self.request_index[rows], at_subject))
+            read = None if read_rows is None else hooks.enter_context(_reading(block, read_rows, at_subject[read_rows]))
+            hidden = self.model.base_model(input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
+                                           position_ids=self.position_ids[rows], use_cache=True,
+                                           **{self.cache_keyword: cache}).last_hidden_state
+        return (None if read is None else read[0].float()), output_logits(self.model, hidden[self.scored[rows]])
+
+    def token_row(self, rows: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices, among the scored tokens of the rows in `within` (default: all rows), of the tokens of `rows`."""
+        token_rows = self._token_rows if within is None else self._token_rows[within[self._token_rows]]
+        return rows[token_rows].nonzero().flatten()
 
 
-def _rows_of(rows: TokenizedBatch, requests: torch.Tensor) -> TokenizedBatch:
-    """The rows whose request is True in `requests` (n,), request indices unchanged."""
-    keep = requests[rows.request_index]
-    return TokenizedBatch(**{name: None if value is None else value[keep]
-                             for name, value in vars(rows).items()})
-
-
-def _request_nll(model: nn.Module, block: nn.Module, delta: torch.Tensor, rows: TokenizedBatch, n: int,
-                 rows_per_request: int) -> torch.Tensor:
-    """(n,) each request's mean over its rows of the mean target-token NLL, with delta written at the subject
-    (0 for requests without rows here)."""
-    with _writing(block, delta, rows.request_index, rows.subject_last):
-        logits = logits_at(model, rows.input_ids, rows.attention_mask, rows.target_mask)
-    targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
-    token_rows = rows.target_mask.nonzero()[:, 0]
+def _request_nll(logits: torch.Tensor, targets: torch.Tensor, token_rows: torch.Tensor, batch: TokenizedBatch,
+                 n: int, rows_per_request: int) -> torch.Tensor:
+    """(n,) each request's mean over its rows of the mean target-token NLL, from the logits of the target
+    tokens of some of `batch`'s rows (`token_rows`: the row of each); 0 for requests without rows here."""
     nll = F.cross_entropy(logits.float(), targets, reduction="none")
-    per_row = torch.zeros(rows.num_rows, device=nll.device).index_add(0, token_rows, nll) \
-        / rows.target_mask.sum(-1).clamp(min=1).float()
-    return torch.zeros(n, device=nll.device).index_add(0, rows.request_index, per_row) / rows_per_request
+    per_row = torch.zeros(batch.num_rows, device=nll.device).index_add(0, token_rows, nll) \
+        / batch.target_mask.sum(-1).clamp(min=1).float()
+    rows = token_rows.unique()
+    return torch.zeros(n, device=nll.device).index_add(0, batch.request_index[rows], per_row[rows]) / rows_per_request
 
 
 def _sample_prefixes(model: nn.Module, tokenizer, count: int, length: int, seed: int) -> list[list[int]]:

@@ -7,13 +7,12 @@ Everything here works on logits and tensors, so the tests can check it on hand-b
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from rledit.editing.losses import shifted
 
 METRIC_DEFINITIONS: dict[str, str] = {
     "efficacy": "teacher-forced token accuracy of target_new after the edit prompt: fraction of target tokens "
@@ -61,31 +60,32 @@ class RowScores:
         return RowScores(self.token_accuracy[rows], self.log_prob_sum[rows], self.num_tokens[rows],
                          [self.predictions[i] for i in kept])
 
+    def split(self, sizes: Sequence[int]) -> list[RowScores]:
+        """Consecutive parts of `sizes` rows each (the inverse of concat)."""
+        bounds = [0, *torch.tensor(list(sizes)).cumsum(0).tolist()]
+        return [RowScores(self.token_accuracy[a:b], self.log_prob_sum[a:b], self.num_tokens[a:b],
+                          self.predictions[a:b]) for a, b in itertools.pairwise(bounds)]
+
     @staticmethod
     def concat(parts: Sequence[RowScores]) -> RowScores:
         return RowScores(torch.cat([p.token_accuracy for p in parts]), torch.cat([p.log_prob_sum for p in parts]),
                          torch.cat([p.num_tokens for p in parts]), [t for p in parts for t in p.predictions])
 
 
-def row_scores(logits: torch.Tensor, labels: torch.Tensor) -> RowScores:
-    """Score every row of (B x T x V) logits against Hugging Face-style labels (-100 = not a target).
+def rows_from_tokens(log_probs: torch.Tensor, predicted: torch.Tensor, targets: torch.Tensor,
+                     row_of_token: torch.Tensor, num_rows: int) -> RowScores:
+    """Per-row scores from per-target-token log-probabilities and argmax predictions.
 
-    Only the target positions are normalized (log-softmax over the vocabulary), so memory stays
-    proportional to the number of target tokens, not to B x T x V. Results are on the CPU, in fp64.
+    `row_of_token` says which row each token belongs to; a row's tokens are in position order. Rows
+    without tokens score 0 tokens. Results are on the CPU, in fp64.
     """
-    logits, labels, mask = shifted(logits, labels)
-    row_of_token = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-    selected = logits[mask].float()
-    targets = labels[mask]
-    predicted = selected.argmax(-1)
-    log_probs = selected.gather(-1, targets[:, None])[:, 0] - selected.logsumexp(-1)
-    num_tokens = mask.sum(-1).cpu()
-    hits = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
-        0, row_of_token.cpu(), (predicted == targets).double().cpu())
-    log_prob_sum = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(
-        0, row_of_token.cpu(), log_probs.double().cpu())
+    row_of_token, targets, predicted = row_of_token.cpu(), targets.cpu(), predicted.cpu()
+    order = torch.sort(row_of_token, stable=True).indices
+    num_tokens = torch.zeros(num_rows, dtype=torch.long).index_add_(0, row_of_token, torch.ones_like(row_of_token))
+    hits = torch.zeros(num_rows, dtype=torch.float64).index_add_(0, row_of_token, (predicted == targets).double())
+    log_prob_sum = torch.zeros(num_rows, dtype=torch.float64).index_add_(0, row_of_token, log_probs.double().cpu())
     return RowScores(hits / num_tokens.clamp(min=1), log_prob_sum, num_tokens,
-                     list(predicted.cpu().split(num_tokens.tolist())))
+                     list(predicted[order].split(num_tokens.tolist())))
 
 
 def per_request_mean(row_values: torch.Tensor, request_index: torch.Tensor, num_requests: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from rledit.data.collate import EditBatch, EditCollator, TokenizedBatch
 from rledit.data.records import EditRecord
@@ -113,21 +114,22 @@ def run_lifelong(session: EditSession, collator: EditCollator, records: Sequence
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def with_perplexity(summary: dict[str, float | None]) -> dict[str, float | None]:
+    def with_perplexity(summary: dict[str, float | None], state: str) -> dict[str, float | None]:
         if heldout is not None:
-            summary["perplexity"] = heldout_perplexity(model, heldout, protocol.eval_batch_size)
+            summary["perplexity"] = heldout_perplexity(model, heldout, protocol.eval_batch_size,
+                                                       f"held-out perplexity of the {state} model")
         return summary
 
     everything = collator(stream)
-    pre = scorer.score(everything)
+    pre = scorer.score(everything, phase="scoring the unedited model")
     reference = pre.locality_predictions
     pre_edit = pre.summary()
     pre_edit["specificity_agreement"] = None if pre_edit["specificity"] is None else 1.0  # agrees with itself
-    pre_edit = with_perplexity(pre_edit)
+    pre_edit = with_perplexity(pre_edit, "unedited")
     per_step: list[StepRecord] = []
     immediate_parts: list[RequestScores] = []
     refused = 0
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(tqdm(batches, desc=f"editing {len(stream)} requests", unit="step")):
         step, edits = index + 1, (index + 1) * protocol.edits_per_step
         seconds, accepted = _timed_edit(session, batch.to(device), device)
         refused += not accepted
@@ -136,13 +138,15 @@ def run_lifelong(session: EditSession, collator: EditCollator, records: Sequence
             immediate_parts.append(scorer.score(batch, reference[edits - protocol.edits_per_step:edits]))
             record.metrics = immediate_parts[-1].summary()
         elif protocol.evaluates_after(step):
-            record.metrics = with_perplexity(scorer.score(collator(stream[:edits]), reference[:edits]).summary())
+            scores = scorer.score(collator(stream[:edits]), reference[:edits], phase=f"scoring after step {step}")
+            record.metrics = with_perplexity(scores.summary(), f"step-{step}")
         per_step.append(record)
 
     if protocol.eval_timing == "final":
-        metrics = with_perplexity(scorer.score(everything, reference).summary())
+        metrics = with_perplexity(scorer.score(everything, reference, phase="scoring the final model").summary(),
+                                  "final")
     elif protocol.eval_timing == "immediate":
-        metrics = with_perplexity(RequestScores.concat(immediate_parts).summary())
+        metrics = with_perplexity(RequestScores.concat(immediate_parts).summary(), "final")
     else:
         metrics = per_step[-1].metrics
     memory, source = _peak_memory(device)
@@ -161,7 +165,7 @@ def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_
     try:
         for batch in batches:
             refused += not _edit_or_refuse(session, batch.edit)
-        scorer = RequestScorer(model, chunk_rows)
+        scorer = RequestScorer(model, chunk_rows, generation=False)
         summary = RequestScores.concat([scorer.score(batch) for batch in batches]).summary()
     finally:
         session.revert(len(session.ledger) - committed_before)
