@@ -334,10 +334,12 @@ class _SuffixPass:
         first = torch.where(scored.cpu().any(-1), scored.cpu().float().argmax(-1), split)
         if bool((first < split).any()):
             raise DataError("locate-then-edit rows must score only positions from the subject's last token on")
-        ids, lengths = rows.input_ids.tolist(), rows.attention_mask.sum(-1).tolist()
+        ids = rows.input_ids.tolist()
+        # each row runs up to its last scored position (a target's last token predicts nothing needed)
+        ends = torch.where(scored.cpu().any(-1), scored.cpu().long().cumsum(-1).argmax(-1), split) + 1
         # a row whose subject's last token comes first has nothing before it: one placeholder token, masked below
         before_ids, before_mask = pad_right([row[:max(s, 1)] for row, s in zip(ids, split.tolist())], 0)
-        after_ids, after_mask = pad_right([row[s:n] for row, s, n in zip(ids, split.tolist(), lengths)], 0)
+        after_ids, after_mask = pad_right([row[s:e] for row, s, e in zip(ids, split.tolist(), ends.tolist())], 0)
         # transformers 5 renamed past_key_values to cache (in and out)
         self.cache_keyword = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
             else "past_key_values"
