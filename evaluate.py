@@ -4,16 +4,7 @@ With no arguments it edits the synthetic world's tiny model with the training-fr
 no GPU, no checkpoint). Options and their defaults: configs/evaluate.yaml.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from rledit.evaluation.command import evaluate
-
-
-@hydra.main(version_base=None, config_path="configs", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
+from rledit.cli import evaluate_main as main
 
 if __name__ == "__main__":
     main()

@@ -1,3 +1,18 @@
-"""rledit: lifelong knowledge editing of causal language models with hypernetwork editors."""
+"""rledit: lifelong knowledge editing of causal language models with hypernetwork and locate-then-edit editors."""
+
+import rledit.paths  # noqa: F401  (registers the resolvers of the paths config group before any config is composed)
+from rledit.api import (
+    ConfiguredModel,
+    EditedModel,
+    evaluate,
+    load_data,
+    load_editor,
+    load_model,
+    make_editor,
+    preserved_statistics,
+)
+from rledit.data.records import EditRecord, LocalityPair
 
 __version__ = "0.1.0"
+__all__ = ["ConfiguredModel", "EditRecord", "EditedModel", "LocalityPair", "evaluate", "load_data", "load_editor",
+           "load_model", "make_editor", "preserved_statistics"]

@@ -114,11 +114,18 @@ def load_editor_checkpoint(path: str, experiment: Experiment) -> tuple[Editor, d
     other modules or shapes, options or state this version's editor does not take) is a ConfigError
     naming the checkpoint, raised before the editor touches the model.
     """
-    ckpt = _read_editor_checkpoint(path)
+    ckpt = read_editor_checkpoint(path)
+    device = next(experiment.model.parameters()).device
+    return editor_from_checkpoint(ckpt, path, experiment.module_shapes, device), ckpt
+
+
+def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple[int, int]],
+                           device: torch.device) -> Editor:
+    """The editor a checkpoint read by `read_editor_checkpoint` describes, for modules of `module_shapes`."""
     saved = {name: tuple(shape) for name, shape in ckpt["editor_config"]["module_shapes"].items()}
-    if saved != experiment.module_shapes:
+    if saved != module_shapes:
         raise ConfigError(f"checkpoint={path} was trained for modules {saved} of model {ckpt['model']!r}, "
-                          f"but this model's edited modules are {experiment.module_shapes}")
+                          f"but this model's edited modules are {module_shapes}")
     editor_class = ckpt["editor_class"]
     try:
         cls = get_class(editor_class) if editor_class.startswith("rledit.editors.") else None
@@ -135,10 +142,10 @@ def load_editor_checkpoint(path: str, experiment: Experiment) -> tuple[Editor, d
     except (TypeError, RuntimeError, RleditError) as exc:  # unknown options; missing, extra, misshapen state
         raise ConfigError(f"checkpoint={path} does not fit {editor_class} with options {options}: "
                           f"{exc}") from exc
-    return editor.to(next(experiment.model.parameters()).device), ckpt
+    return editor.to(device)
 
 
-def _read_editor_checkpoint(path: str) -> dict:
+def read_editor_checkpoint(path: str) -> dict:
     """The checkpoint's dict, read with weights_only=True (tensors and plain containers only, no code)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -36,3 +36,14 @@ def small_training_requests(small_world_model: WorldModel) -> list[EditRecord]:
     """Edits on the other half of the subjects: a training stream disjoint from `small_edit_requests`."""
     world = small_world_model.world
     return world.edit_requests(world.split_subjects(eval_fraction=0.5, seed=0).train, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_world(small_world_model) -> list[str]:
+    """Overrides that make model=tiny the small world of this file, loaded from its session cache."""
+    cache_dir = small_world_model.path.parent.parent
+    return [f"model.load.world.num_subjects={SMALL_WORLD['num_subjects']}",
+            f"model.load.world.objects_per_relation={SMALL_WORLD['objects_per_relation']}",
+            *[f"model.load.training.{key}={value}" for key, value in SMALL_TRAINING.items()],
+            f"model.load.cache_dir={cache_dir}", "model.load.progress=false",
+            "num_steps=3", "edits_per_step=4", "cpu_threads=1"]

@@ -12,7 +12,6 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from conftest import SMALL_TRAINING, SMALL_WORLD
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
@@ -32,17 +31,6 @@ from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RATES = ("efficacy", "generalization", "specificity", "specificity_agreement")
-
-
-@pytest.fixture(scope="module")
-def small_world(small_world_model) -> list[str]:
-    """Overrides that make model=tiny the small world of conftest.py, loaded from its session cache."""
-    cache_dir = small_world_model.path.parent.parent
-    return [f"model.load.world.num_subjects={SMALL_WORLD['num_subjects']}",
-            f"model.load.world.objects_per_relation={SMALL_WORLD['objects_per_relation']}",
-            *[f"model.load.training.{key}={value}" for key, value in SMALL_TRAINING.items()],
-            f"model.load.cache_dir={cache_dir}", "model.load.progress=false",
-            "num_steps=3", "edits_per_step=4", "cpu_threads=1"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -23,8 +23,8 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from rledit.pipeline import cpu_threads
+from rledit.training.command import train
 from tests.test_ddp import build
-from train import train
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3  # of two sequences each (tests.test_ddp.build)

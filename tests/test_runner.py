@@ -13,6 +13,7 @@ from rledit.editing.session import EditSession
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import ConfigError
 from rledit.evaluation.command import cpu_threads
+from rledit.evaluation.plots import run_figure
 from rledit.evaluation.runner import Protocol, run_lifelong, validation_scores
 from rledit.evaluation.scoring import RequestScorer, text_rows
 from rledit.models.layers import resolve_edit_modules
@@ -88,6 +89,11 @@ def test_final_curve_and_immediate_timings_agree_where_they_measure_the_same_thi
     assert final.metrics["efficacy"] > final.pre_edit["efficacy"]
     assert final.metrics["cf_efficacy_score"] >= final.pre_edit["cf_efficacy_score"] + 0.3
     assert 0.0 <= final.metrics["specificity_agreement"] < 1.0
+    # the final protocol's plot shows its two measurements as bars, the curve's as lines over the edits
+    final_axes, curve_axes = (run_figure(r, "t").axes[0] for r in (final, curve))
+    assert not final_axes.lines and len(final_axes.patches) == 2 * (len(final.metrics) - 1)  # perplexity apart
+    assert final_axes.patches[len(final.metrics) - 1].get_height() == pytest.approx(final.metrics["efficacy"])
+    assert {len(line.get_xdata()) for line in curve_axes.lines} == {4}  # unedited, after steps 2, 4, 5
 
 
 class PoisonedEditor(TrainingFreeEditor):

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 
 from rledit.errors import ConfigError
 from rledit.pipeline import cpu_threads
+from rledit.training.command import train, validation_length
 from tests.test_robustness_resume import REPO, TRAIN_OVERRIDES, editor_state
-from train import train, validation_length
 
 
 def lightning_editor_state(path: Path) -> dict[str, torch.Tensor]:

@@ -20,17 +20,22 @@ MARKERS = "osv^DPX*"
 
 
 def metric_points(result: LifelongResult, name: str) -> tuple[list[int], list[float]]:
-    """(edits, value) of a metric: pre-edit at 0 edits, then every measured step, or the final model at the end."""
+    """(edits, value) of a metric of a curve or immediate run: pre-edit at 0 edits, then every measured step."""
     xs, ys = ([0], [result.pre_edit[name]]) if result.pre_edit.get(name) is not None else ([], [])
     measured = [(s.edits, s.metrics[name]) for s in result.per_step if s.metrics.get(name) is not None]
-    if not measured and result.metrics.get(name) is not None:
-        measured = [(result.per_step[-1].edits, result.metrics[name])]
     xs += [x for x, _ in measured]
     ys += [y for _, y in measured]
     return xs, ys
 
 
 def plot_run(result: LifelongResult, path: Path, title: str) -> Path:
+    run_figure(result, title).savefig(path, dpi=110)
+    return path
+
+
+def run_figure(result: LifelongResult, title: str) -> Figure:
+    """Metrics (curves over the number of edits; unedited and final side by side for the final protocol),
+    perplexity, cumulative update norms and edit time per step."""
     figure = Figure(figsize=(12, 8.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2)
@@ -40,14 +45,17 @@ def plot_run(result: LifelongResult, path: Path, title: str) -> Path:
     _plot_seconds(axes[1, 1], result)
     p = result.protocol
     figure.suptitle(f"{title}\n{p.num_steps} steps x {p.edits_per_step} edits, evaluated {p.eval_timing}")
-    figure.savefig(path, dpi=110)
-    return path
+    return figure
 
 
 def _plot_metrics(ax, result: LifelongResult) -> None:
-    label = {"immediate": "each batch right after its edit", "curve": "all requests so far",
-             "final": "all requests, pre-edit and final model"}[result.protocol.eval_timing]
     rates = [name for name in ordered_metrics(result.metrics) if name != "perplexity"]
+    if result.protocol.eval_timing == "final":  # two measurements, not a trajectory: side-by-side bars
+        _pre_and_final_bars(ax, result, rates, "metrics (all requests, unedited and final model)")
+        ax.set(ylabel="score", ylim=(0, 1.03))
+        return
+    label = {"immediate": "each batch right after its edit", "curve": "all requests so far"}[
+        result.protocol.eval_timing]
     for name, marker in zip(rates, MARKERS, strict=False):  # distinct markers keep coinciding lines visible
         xs, ys = metric_points(result, name)
         ax.plot(xs, ys, marker=marker, markersize=5, linestyle="--" if name.startswith("cf_") else "-",
@@ -63,11 +71,28 @@ def _plot_perplexity(ax, result: LifelongResult) -> None:
         ax.text(0.5, 0.5, "no held-out text: perplexity not measured", ha="center", va="center")
         ax.set_axis_off()
         return
+    if result.protocol.eval_timing == "final":
+        _pre_and_final_bars(ax, result, ["perplexity"], "perplexity on held-out text")
+        ax.set(ylabel="perplexity")
+        return
     xs, ys = metric_points(result, "perplexity")
     ax.plot(xs, ys, marker="o", color="tab:red")
     ax.set(title="perplexity on held-out text", xlabel="number of edits", ylabel="perplexity")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
+
+
+def _pre_and_final_bars(ax, result: LifelongResult, names: list[str], title: str) -> None:
+    edits = result.per_step[-1].edits
+    for offset, (label, values) in zip((-0.2, 0.2), (("unedited", result.pre_edit),
+                                                     (f"after {edits} edits", result.metrics)), strict=True):
+        heights = [values.get(name) if values.get(name) is not None else 0.0 for name in names]
+        bars = ax.bar([i + offset for i in range(len(names))], heights, width=0.4, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
 
 
 def _plot_norms(ax, result: LifelongResult) -> None:

@@ -25,6 +25,7 @@ from rledit.atomic_write import partial_path
 from rledit.data.collate import pad_right
 from rledit.data.records import EditRecord
 from rledit.errors import ConfigError
+from rledit.paths import default_cache_dir
 
 STATISTICS_FORMAT = 1
 ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -136,8 +137,7 @@ class PreservedStatistics:
             raise ConfigError(f"stats.accumulate={accumulate!r}: expected one of {sorted(ACCUMULATE_DTYPES)}")
         self.source, self.num_tokens, self.batch_size, self.max_length = source, num_tokens, batch_size, max_length
         self.accumulate, self.progress = accumulate, progress
-        root = cache_dir or os.environ.get("RLEDIT_CACHE") or Path.home() / ".cache" / "rledit"
-        self.cache_dir = Path(root) / "statistics"
+        self.cache_dir = Path(cache_dir or default_cache_dir()) / "statistics"
         self.records = records  # the training records, for source=records
         self.computed: dict[str, Any] = {}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from rledit.data.synthetic.pretrain import (
 from rledit.data.synthetic.tokenizer import build_tokenizer
 from rledit.data.synthetic.world import WORLD_FORMAT, World, WorldConfig, as_world_config, build_world
 from rledit.errors import ConfigError
+from rledit.paths import default_cache_dir
 
 WORLD_FILE = "world.json"
 REPORT_FILE = "pretraining.json"
@@ -46,10 +46,6 @@ class WorldModel:
     tokenizer: PreTrainedTokenizerFast
     world: World
     path: Path
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RLEDIT_CACHE") or Path.home() / ".cache" / "rledit")
 
 
 def load_world_model(world: WorldConfig | Mapping[str, Any] | None = None,

@@ -1,0 +1,23 @@
+"""The console scripts `rledit-train`, `rledit-evaluate` and `rledit-sweep` (and `python train.py` /
+`python evaluate.py` in a checkout): Hydra entry points over the configs that ship inside the package."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from rledit.evaluation.command import evaluate
+from rledit.paths import CONFIG_DIR
+from rledit.pipeline import cpu_threads
+from rledit.training.command import train
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def train_main(cfg: DictConfig) -> None:
+    with cpu_threads(cfg.cpu_threads):
+        train(cfg)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base=None)
+def evaluate_main(cfg: DictConfig) -> None:
+    evaluate(cfg)

@@ -1,0 +1,80 @@
+"""What `python train.py` (and `rledit-train`) does with its composed config: train an editor, keep the best."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from rledit.atomic_write import partial_path
+from rledit.data.streams import EditStreamDataModule
+from rledit.errors import ConfigError
+from rledit.pipeline import build_editor, build_experiment, build_objective, editor_checkpoint
+from rledit.training.module import EditorTrainer, FrozenTarget
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train the configured editor; returns the path of the written editor checkpoint."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    experiment = build_experiment(cfg)
+    editor = build_editor(cfg, experiment)
+    if not editor.trainable:
+        raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
+                          f"python evaluate.py editor={cfg.editor.name}")
+    objective, sequence_length = build_objective(cfg)
+    training = cfg.training
+    val_num_steps = validation_length(cfg, len(experiment.data.train), len(experiment.data.eval), sequence_length)
+    datamodule = EditStreamDataModule(
+        experiment.data.train, experiment.data.eval, experiment.collator, edits_per_step=training.edits_per_step,
+        train_num_steps=sequence_length, eval_num_steps=val_num_steps,
+        sequences_per_epoch=max(1, training.batches_per_epoch // sequence_length), seed=cfg.seed)
+    module = EditorTrainer(editor, FrozenTarget(experiment.model, experiment.editable), objective,
+                           lr=training.lr, grad_clip=training.grad_clip, step_every=training.step_every)
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if training.keep not in ("best", "last"):
+        raise ConfigError(f"training.keep={training.keep!r}: expected 'best' or 'last'")
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
+                                  every_n_train_steps=training.checkpoint_every_n_steps)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}", monitor="val/score", mode="max")
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=[checkpoints, best])
+    # The training stream is checkpointed with its position (EditStreamDataModule's loader), so resuming
+    # from any checkpoint, mid-epoch included, continues exactly where the interrupted run was.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    if training.keep == "best" and best.best_model_path:
+        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+        print(f"keeping the editor of {best.best_model_path} (validation score {float(best.best_model_score):.4f})")
+    path = run_dir / "editor.ckpt"
+    if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
+        partial = partial_path(path)
+        torch.save(editor_checkpoint(editor, cfg), partial)
+        os.replace(partial, path)
+        print(f"editor checkpoint: {path}")
+    return path
+
+
+def validation_length(cfg: DictConfig, n_train: int, n_eval: int, sequence_length: int) -> int:
+    """Steps of the validation sequence: `training.val_num_steps`, shortened (with a warning) to what the
+    held-out records allow. A training sequence longer than the training records allow is a ConfigError."""
+    edits = cfg.training.edits_per_step
+    if sequence_length * edits > n_train:
+        raise ConfigError(f"editor.objective.sequence_length={sequence_length} x training.edits_per_step={edits} "
+                          f"= {sequence_length * edits} distinct edits per training sequence, but data="
+                          f"{cfg.data.name} has {n_train} training records: lower one of the two")
+    steps = min(cfg.training.val_num_steps, n_eval // edits)
+    if steps < 1:
+        raise ConfigError(f"training.edits_per_step={edits} is more than the {n_eval} held-out records of "
+                          f"data={cfg.data.name}")
+    if steps < cfg.training.val_num_steps:
+        warnings.warn(f"training.val_num_steps={cfg.training.val_num_steps} x training.edits_per_step={edits} "
+                      f"needs {cfg.training.val_num_steps * edits} held-out records, data={cfg.data.name} has "
+                      f"{n_eval}: validating on {steps} steps", stacklevel=2)
+    return steps
