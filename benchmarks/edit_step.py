@@ -43,10 +43,10 @@ from omegaconf import DictConfig
 from rledit.data.collate import TokenizedBatch
 from rledit.data.streams import EditStream
 from rledit.editing.losses import forward_logits, target_nll
-from rledit.editing.session import EditSession
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.models.layers import EditableModule
 from rledit.pipeline import build_editor, build_experiment, cpu_threads, load_editor_checkpoint
+from rledit.session import EditSession
 
 PHASES = ("capture", "hypernetwork", "solve", "commit")
 LIMIT = 1.3  # issue 6: an edit step costs at most 1.3x the bare forward+backward of its batch

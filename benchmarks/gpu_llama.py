@@ -29,10 +29,10 @@ from kernel import fused_and_matmul_seconds
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rledit.data.collate import IGNORE_INDEX, TokenizedBatch
-from rledit.editing.session import EditSession
 from rledit.kernels.lowrank import resolve_backend
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.loading import freeze
+from rledit.session import EditSession
 
 
 @dataclass(frozen=True)

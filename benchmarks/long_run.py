@@ -36,10 +36,10 @@ import torch
 from harness import MiB, compose_config
 
 from rledit.editing.losses import forward_logits
-from rledit.editing.session import EditSession
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.scoring import RequestScorer
 from rledit.pipeline import build_editor, build_experiment, cpu_threads
+from rledit.session import EditSession
 
 RSS_LIMIT = 0.10
 TIME_LIMIT = 0.20

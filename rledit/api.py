@@ -16,7 +16,6 @@ from torch import nn
 from rledit.data.collate import EditCollator
 from rledit.data.records import EditRecord, record_from_mapping
 from rledit.data.sources import EditData
-from rledit.editing.session import EditSession
 from rledit.editors.base import EditContext, Editor
 from rledit.errors import ConfigError, EditRefusedError
 from rledit.evaluation.runner import LifelongResult, Protocol, run_lifelong
@@ -26,6 +25,7 @@ from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
 from rledit.paths import CONFIG_DIR
 from rledit.pipeline import editor_from_checkpoint, read_editor_checkpoint, require_subjects, row_length_limit
+from rledit.session import EditSession
 
 
 def _config(overrides: Sequence[str]):

@@ -17,7 +17,6 @@ from rledit.data.sources import EditData
 from rledit.editors.base import Editor
 from rledit.errors import ConfigError, DataError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
-from rledit.training.rollout import Objective
 
 EDITOR_CHECKPOINT_FORMAT = "rledit-editor/1"
 
@@ -87,13 +86,6 @@ def row_length_limit(max_length: int | None, model: torch.nn.Module) -> int | No
 def build_editor(cfg: DictConfig, experiment: Experiment) -> Editor:
     editor = instantiate(cfg.editor.build)(module_shapes=experiment.module_shapes)
     return editor.to(next(experiment.model.parameters()).device)
-
-
-def build_objective(cfg: DictConfig) -> tuple[Objective, int]:
-    """The editor's training objective and the length of its training sequences."""
-    options = OmegaConf.to_container(cfg.editor.objective, resolve=True)
-    sequence_length = options.pop("sequence_length")
-    return Objective(**{**options, "gen_prompts": tuple(options["gen_prompts"])}), sequence_length
 
 
 def editor_checkpoint(editor: Editor, cfg: DictConfig) -> dict:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rledit.data.collate import EditCollator
-from rledit.editing.session import EditSession
 from rledit.editors.finetune import FineTuneEditor
 from rledit.editors.malmen import MalmenEditor
 from rledit.editors.mend import MendEditor
@@ -15,6 +14,7 @@ from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
 from rledit.evaluation.scoring import RequestScorer
 from rledit.models.layers import resolve_edit_modules
+from rledit.session import EditSession
 
 SPEC = "model.layers.{1-2}.mlp.{gate_proj,up_proj}"
 

@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
 from rledit.data.streams import EditStream
-from rledit.editing.session import EditSession
 from rledit.errors import ConfigError
 from rledit.evaluation.command import evaluate, heldout_rows
 from rledit.evaluation.saved_edits import (
@@ -28,6 +27,7 @@ from rledit.evaluation.saved_edits import (
 )
 from rledit.evaluation.scoring import RequestScorer
 from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
+from rledit.session import EditSession
 
 REPO = Path(__file__).resolve().parents[1]
 RATES = ("efficacy", "generalization", "specificity", "specificity_agreement")

@@ -12,7 +12,6 @@ from rledit.data.records import EditRecord
 from rledit.data.text import SampledText
 from rledit.editing.functional import functional_update
 from rledit.editing.losses import logits_at
-from rledit.editing.session import EditSession
 from rledit.editors.alphaedit import AlphaEditEditor
 from rledit.editors.base import EditContext
 from rledit.editors.emmet import EmmetEditor
@@ -24,6 +23,7 @@ from rledit.evaluation.command import cpu_threads
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
 from rledit.pipeline import require_subjects
+from rledit.session import EditSession
 
 # The small world's model has moved the subject into the last position by layer 1's output: layer 0 is
 # where its facts can be edited at the subject (configs/model/tiny.yaml, locate_modules).

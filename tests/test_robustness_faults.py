@@ -18,7 +18,6 @@ import torch
 
 from rledit.data.collate import EditCollator
 from rledit.data.streams import EditStream
-from rledit.editing.session import EditSession
 from rledit.editors import ridge_solve
 from rledit.editors.factor_editor import FactorEditor
 from rledit.editors.hypernet import HyperNetworkBank
@@ -28,6 +27,7 @@ from rledit.evaluation.command import cpu_threads
 from rledit.evaluation.report import results_document
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.models.layers import resolve_edit_modules
+from rledit.session import EditSession
 from rledit.training import rollout
 from tests.test_ddp import build
 

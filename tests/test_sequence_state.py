@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from rledit.data.collate import EditCollator
-from rledit.editing.session import EditSession
 from rledit.editors.key_memory import KeyMemory
 from rledit.editors.ridge_solve import ridge_update
 from rledit.editors.rledit import RLEditEditor
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
 from rledit.models.layers import resolve_edit_modules
+from rledit.session import EditSession
 
 SPEC = "model.layers.{1-2}.mlp.{gate_proj,up_proj}"
 

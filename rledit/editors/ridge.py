@@ -19,7 +19,7 @@ class RidgeEditor(HypernetEditor):
     """D = diag(c) G~ with c_i = -eta <k_i, k~_i>; the update maps each key k_i to its shift d_i (ridge-regularised).
 
     `edit_memory` > 0 also regularises by that weight times the Gram matrix of the keys committed earlier in
-    the sequence (see key_memory.py); 0 is the plain ridge of DESIGN section 2.
+    the sequence (see key_memory.py); 0 is the plain ridge (MALMEN's and UltraEdit's solve).
     """
 
     net_kind = "ridge"

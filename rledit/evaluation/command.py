@@ -10,7 +10,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.collate import TokenizedBatch
-from rledit.editing.session import EditSession
 from rledit.editors.base import EditContext, Editor
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import PLOT_FILE, plot_run
@@ -27,6 +26,7 @@ from rledit.pipeline import (
     load_editor_checkpoint,
     require_subjects,
 )
+from rledit.session import EditSession
 
 HOW_TO_EVALUATE_A_TRAINED_EDITOR = (
     "To evaluate a trained RLEdit editor instead: run `python train.py` (it saves editor.ckpt in its run "

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from rledit.data.collate import EditBatch, EditCollator, TokenizedBatch
 from rledit.data.records import EditRecord
 from rledit.data.streams import EditStream
-from rledit.editing.session import EditSession
 from rledit.errors import ConfigError, EditRefusedError
 from rledit.evaluation.scoring import RequestScorer, RequestScores, heldout_perplexity, model_device
+from rledit.session import EditSession
 
 EVAL_TIMINGS = ("final", "immediate", "curve")
 

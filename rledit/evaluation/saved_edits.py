@@ -21,9 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from rledit.atomic_write import partial_path
 from rledit.editing.ledger import UpdateLedger
-from rledit.editing.session import EditSession
 from rledit.errors import ConfigError, RleditError
 from rledit.models.layers import resolve_edit_modules
+from rledit.session import EditSession
 
 EDITS_FILE = "edits.safetensors"
 ORIGINALS_FILE = "original_weights.safetensors"

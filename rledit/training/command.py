@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from rledit.atomic_write import partial_path
 from rledit.data.streams import EditStreamDataModule
 from rledit.errors import ConfigError
-from rledit.pipeline import build_editor, build_experiment, build_objective, editor_checkpoint
+from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
 from rledit.training.module import EditorTrainer, FrozenTarget
+from rledit.training.rollout import Objective
 
 
 def train(cfg: DictConfig) -> Path:
@@ -59,6 +60,13 @@ def train(cfg: DictConfig) -> Path:
         os.replace(partial, path)
         print(f"editor checkpoint: {path}")
     return path
+
+
+def build_objective(cfg: DictConfig) -> tuple[Objective, int]:
+    """The editor's training objective and the length of its training sequences."""
+    options = OmegaConf.to_container(cfg.editor.objective, resolve=True)
+    sequence_length = options.pop("sequence_length")
+    return Objective(**{**options, "gen_prompts": tuple(options["gen_prompts"])}), sequence_length
 
 
 def validation_length(cfg: DictConfig, n_train: int, n_eval: int, sequence_length: int) -> int:

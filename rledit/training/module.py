@@ -25,13 +25,13 @@ from torch import nn
 
 from rledit.data.collate import EditBatch
 from rledit.editing.ledger import UpdateLedger
-from rledit.editing.session import EditSession
 from rledit.editing.update import non_finite
 from rledit.editors.base import Editor
 from rledit.editors.normalizer import RunningNormalizer
 from rledit.errors import EditRefusedError
 from rledit.evaluation.runner import validation_scores
 from rledit.models.layers import EditableModule
+from rledit.session import EditSession
 from rledit.training.rollout import Objective, RolloutStats, rollout
 
 

@@ -3,7 +3,7 @@
 At step t the editor sees the committed weights W_{t-1} and batch E_t and acts with dW_t. The reward is
 r_t = -[ sum_{j<k} mu^j (L_gen(E_{t-j}; W_{t-1}+dW_t) + c_loc L_loc(E_{t-j}; W_ref, W_{t-1}+dW_t))
         + eta ||dW_t||_F^2 ],
-and the editor maximizes sum_t gamma^t r_t. The locality reference W_ref is W_{t-1} (DESIGN, the paper:
+and the editor maximizes sum_t gamma^t r_t. The locality reference W_ref is W_{t-1} (the RLEdit paper:
 the damage this step adds) or W_0 (`locality_reference="original"`: the damage of the whole sequence so far,
 which is what a lifelong evaluation against the unedited model measures). Earlier weights are state: each dW_t is committed (detached)
 before the next step, and the original weights are restored at the end.
@@ -40,7 +40,7 @@ GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 
 @dataclass(frozen=True)
 class Objective:
-    """Weights of the sequence-level reward (DESIGN section 2)."""
+    """Weights of the sequence-level reward (the RLEdit paper)."""
 
     back_depth: int = 10          # k: how many recent batches each step's reward looks back at
     decay: float = 0.95           # mu: weight of the batch j steps back
@@ -107,7 +107,7 @@ def _through_editor(update: FactoredUpdate, leaves: FactoredUpdate) -> None:
 def _look_back(t: int, objective: Objective) -> list[tuple[int, float]]:
     """The batches step t's reward scores, as (step, weight) pairs; the weights stand for sum_j mu^j L(E_{t-j}).
 
-    "recent" (DESIGN): the k batches t, t-1, ..., t-k+1, weighted mu^j. "spread": batch t and k-1 earlier
+    "recent" (the paper): the k batches t, t-1, ..., t-k+1, weighted mu^j. "spread": batch t and k-1 earlier
     batches, one from each of k-1 contiguous stretches of 0..t-1, weighted by the summed mu^j of its
     stretch; the pick inside a stretch moves with t (a golden-ratio sequence: deterministic, evenly spread),
     so over a sequence the earlier batches are all scored, in turn. Both cost k

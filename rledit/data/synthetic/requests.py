@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from rledit.data.records import EditRecord, LocalityPair
 from rledit.data.synthetic.relations import Relation
 from rledit.errors import ConfigError
 
-if TYPE_CHECKING:
-    from rledit.data.synthetic.world import World
+
+class Facts(Protocol):
+    """What requests are drawn from (the World has it): subjects, relations, object pools, true objects."""
+
+    subjects: Sequence[str]
+    relations: Sequence[Relation]
+    objects: Mapping[str, Sequence[str]]
+
+    def true_object(self, subject: str, relation: str) -> str: ...
 
 
-def build_edit_requests(world: World, subjects: Sequence[str], seed: int, locality_per_request: int,
+def build_edit_requests(world: Facts, subjects: Sequence[str], seed: int, locality_per_request: int,
                         locality_subjects: Sequence[str] | None) -> list[EditRecord]:
     """One request per (subject, relation): a new object from the relation's pool, asked through one
     template, rephrased through the relation's other templates, with locality prompts about other subjects.
@@ -55,6 +62,6 @@ def build_edit_requests(world: World, subjects: Sequence[str], seed: int, locali
     return requests
 
 
-def _true_fact_prompt(world: World, subject: str, relation: Relation, rng: random.Random) -> LocalityPair:
+def _true_fact_prompt(world: Facts, subject: str, relation: Relation, rng: random.Random) -> LocalityPair:
     return LocalityPair(prompt=relation.render(rng.choice(relation.templates), subject),
                         answer=world.true_object(subject, relation.name))
