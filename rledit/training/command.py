@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.atomic_write import partial_path
@@ -43,10 +42,12 @@ def train(cfg: DictConfig) -> Path:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if training.keep not in ("best", "last"):
         raise ConfigError(f"training.keep={training.keep!r}: expected 'best' or 'last'")
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True,
-                                  every_n_train_steps=training.checkpoint_every_n_steps)
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch}", monitor="val/score", mode="max")
-    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger, callbacks=[checkpoints, best])
+    callbacks = {name: instantiate(callback) for name, callback in (cfg.get("callbacks") or {}).items()}
+    best = callbacks.get("best")
+    if training.keep == "best" and best is None:
+        raise ConfigError("training.keep=best needs the `best` checkpoint callback (configs/callbacks/default.yaml)")
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
+                          callbacks=list(callbacks.values()))
     # The training stream is checkpointed with its position (EditStreamDataModule's loader), so resuming
     # from any checkpoint, mid-epoch included, continues exactly where the interrupted run was.
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
