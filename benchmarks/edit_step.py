@@ -45,8 +45,9 @@ from rledit.data.streams import EditStream
 from rledit.editing.losses import forward_logits, target_nll
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.models.layers import EditableModule
-from rledit.pipeline import build_editor, build_experiment, cpu_threads, load_editor_checkpoint
+from rledit.pipeline import build_editor, build_experiment, load_editor_checkpoint
 from rledit.session import EditSession
+from rledit.threads import cpu_threads
 
 PHASES = ("capture", "hypernetwork", "solve", "commit")
 LIMIT = 1.3  # issue 6: an edit step costs at most 1.3x the bare forward+backward of its batch

@@ -38,8 +38,9 @@ from harness import MiB, compose_config
 from rledit.editing.losses import forward_logits
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.scoring import RequestScorer
-from rledit.pipeline import build_editor, build_experiment, cpu_threads
+from rledit.pipeline import build_editor, build_experiment
 from rledit.session import EditSession
+from rledit.threads import cpu_threads
 
 RSS_LIMIT = 0.10
 TIME_LIMIT = 0.20

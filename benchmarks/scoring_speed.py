@@ -29,7 +29,8 @@ from rledit.editing.losses import forward_logits
 from rledit.evaluation import scoring
 from rledit.evaluation.metrics import per_request_mean, rows_from_tokens
 from rledit.evaluation.scoring import RequestScorer, model_device, scoring_plan, swapped_targets
-from rledit.pipeline import build_experiment, cpu_threads
+from rledit.pipeline import build_experiment
+from rledit.threads import cpu_threads
 
 
 def whole_rows(model, batch: TokenizedBatch, chunk_rows: int):

@@ -35,7 +35,8 @@ from harness import ROOT, LiveTensorMemory, MiB, compose_config, default_data, s
 from hydra.utils import instantiate
 
 from rledit.data.streams import EditStreamDataModule
-from rledit.pipeline import build_editor, build_experiment, cpu_threads
+from rledit.pipeline import build_editor, build_experiment
+from rledit.threads import cpu_threads
 from rledit.training.command import build_objective
 from rledit.training.module import EditorTrainer, FrozenTarget
 

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from rledit.evaluation.command import evaluate
 from rledit.paths import CONFIG_DIR
-from rledit.pipeline import cpu_threads
+from rledit.threads import cpu_threads
 from rledit.training.command import train
 
 

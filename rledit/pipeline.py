@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,19 +151,3 @@ def read_editor_checkpoint(path: str) -> dict:
         raise ConfigError(f"checkpoint={path} is an incomplete editor checkpoint "
                           f"(missing {', '.join(missing) or 'editor_config.module_shapes'})")
     return ckpt
-
-
-@contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """torch's CPU thread count set to `count` inside the block (untouched when None), restored after.
-
-    Small models lose to threading overhead on a busy CPU: model=tiny edits 10x faster on one thread
-    than on two when other processes share the cores (measured on a shared 2-core machine).
-    """
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

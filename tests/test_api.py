@@ -13,7 +13,7 @@ import torch
 
 import rledit
 from rledit.errors import ConfigError, DataError, EditRefusedError
-from rledit.pipeline import cpu_threads
+from rledit.threads import cpu_threads
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

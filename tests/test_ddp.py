@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rledit.data.collate import EditCollator
 from rledit.data.streams import EditStreamDataModule
 from rledit.editors.normalizer import RunningNormalizer
-from rledit.editors.rledit import RLEditEditor
+from rledit.editors.ridge import RidgeEditor
 from rledit.models.layers import resolve_edit_modules
 from rledit.training.module import EditorTrainer, FrozenTarget, StatisticsPooling
 from rledit.training.rollout import Objective, rollout
@@ -45,7 +45,7 @@ def build(normalize: bool) -> tuple[EditorTrainer, EditStreamDataModule]:
                                          max_position_embeddings=32)).eval().requires_grad_(False)
     editable = resolve_edit_modules(model, "model.layers.{1-2}.mlp.{gate_proj,up_proj}")
     shapes = {name: (em.d_out, em.d_in) for name, em in editable.items()}
-    editor = RLEditEditor(shapes, rank=8, normalize=normalize)
+    editor = RidgeEditor(shapes, rank=8, normalize=normalize)
     datamodule = EditStreamDataModule(records[:18], records[18:], EditCollator(tokenizer),
                                       edits_per_step=2, train_num_steps=3, eval_num_steps=1,
                                       sequences_per_epoch=SEQUENCES_PER_EPOCH, seed=0)

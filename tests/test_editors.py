@@ -7,9 +7,8 @@ import torch
 
 from rledit.data.collate import EditCollator
 from rledit.editors.finetune import FineTuneEditor
-from rledit.editors.malmen import MalmenEditor
 from rledit.editors.mend import MendEditor
-from rledit.editors.rledit import RLEditEditor
+from rledit.editors.ridge import RidgeEditor
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
 from rledit.evaluation.scoring import RequestScorer
@@ -52,7 +51,7 @@ def test_one_batch_of_ten_edits_raises_efficacy(edit_setup, make_editor, min_gai
     torch.testing.assert_close(scores(model, batch)["efficacy"], before["efficacy"])
 
 
-@pytest.mark.parametrize("editor_class", [MendEditor, MalmenEditor, RLEditEditor])
+@pytest.mark.parametrize("editor_class", [MendEditor, RidgeEditor])
 def test_untrained_hypernetwork_editors_already_edit(edit_setup, editor_class):
     model, editable, shapes, batch = edit_setup
     before = scores(model, batch)

@@ -19,11 +19,11 @@ from rledit.editors.locate import _reading, _SuffixPass, _writing
 from rledit.editors.memit import MemitEditor
 from rledit.editors.rome import RomeEditor
 from rledit.errors import ConfigError, DataError, EditRefusedError
-from rledit.evaluation.command import cpu_threads
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
 from rledit.pipeline import require_subjects
 from rledit.session import EditSession
+from rledit.threads import cpu_threads
 
 # The small world's model has moved the subject into the last position by layer 1's output: layer 0 is
 # where its facts can be edited at the subject (configs/model/tiny.yaml, locate_modules).

@@ -32,7 +32,7 @@ from rledit.evaluation.scoring import (
     swapped_targets,
     text_rows,
 )
-from rledit.pipeline import cpu_threads
+from rledit.threads import cpu_threads
 
 BIG = 100.0  # logits at positions that must be ignored (prompt, padding)
 

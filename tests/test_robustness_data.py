@@ -19,7 +19,7 @@ from rledit.data.records import EditRecord
 from rledit.errors import ConfigError, DataError
 from rledit.pipeline import build_experiment, row_length_limit
 from tests.test_collate import build_word_tokenizer
-from tests.test_evaluate_cli import compose_config, run_in_process, small_world  # noqa: F401 (a fixture)
+from tests.test_evaluate_cli import compose_config, run_in_process
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
 COLLATOR = EditCollator(build_word_tokenizer(WORDS), max_length=8)  # [BOS] + prompt + target <= 8 tokens
@@ -75,7 +75,7 @@ def test_the_row_limit_is_the_models_context_unless_a_shorter_one_is_configured(
 
 
 def test_a_synthetic_world_too_long_for_max_length_fails_when_the_experiment_is_built(
-        small_world):  # noqa: F811
+        small_world):
     with pytest.raises(DataError, match=r"^file synthetic world, record 0, field 'prompt': prompt \+ target "
                                         r"are \d+ tokens, more than max_length=3"):
         build_experiment(compose_config([*small_world, "model.max_length=3"]))
@@ -93,7 +93,7 @@ def _records_file(path: Path, records: list[EditRecord], too_long_at: int) -> Pa
 
 
 def test_evaluate_skips_and_counts_a_too_long_record_or_refuses_it_before_editing(
-        small_world, small_edit_requests, tmp_path):  # noqa: F811
+        small_world, small_edit_requests, tmp_path):
     train = _records_file(tmp_path / "train.json", small_edit_requests[:4], too_long_at=0)
     evaluation = _records_file(tmp_path / "eval.json", small_edit_requests[4:20], too_long_at=5)
     data = ["data=counterfact", f"data.records.train={train}", f"data.records.eval={evaluation}"]

@@ -23,11 +23,11 @@ from rledit.editors.factor_editor import FactorEditor
 from rledit.editors.hypernet import HyperNetworkBank
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
-from rledit.evaluation.command import cpu_threads
 from rledit.evaluation.report import results_document
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.models.layers import resolve_edit_modules
 from rledit.session import EditSession
+from rledit.threads import cpu_threads
 from rledit.training import rollout
 from tests.test_ddp import build
 

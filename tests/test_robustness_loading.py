@@ -18,14 +18,14 @@ from rledit.pipeline import (
     editor_checkpoint,
     load_editor_checkpoint,
 )
-from tests.test_evaluate_cli import compose_config, small_world  # noqa: F401 (a fixture)
+from tests.test_evaluate_cli import compose_config
 from tests.test_loading_models import tiny_folder  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def experiment_and_checkpoint(small_world):  # noqa: F811
+def experiment_and_checkpoint(small_world):
     """The small world's experiment and a valid checkpoint of an (untrained) RLEdit editor for it."""
     cfg = compose_config([*small_world, "editor=rledit", "editor.build.rank=8"])
     experiment = build_experiment(cfg)
@@ -78,7 +78,7 @@ def _mismatched(checkpoint: dict, case: str) -> tuple[dict, str]:
         return {**checkpoint, "editor_config": config}, r"but this model's edited modules are \{'model.layers"
     if case == "unknown option":
         config["future_option"] = 1
-        return {**checkpoint, "editor_config": config}, r"does not fit .*RLEditEditor with .*future_option"
+        return {**checkpoint, "editor_config": config}, r"does not fit .*RidgeEditor with .*future_option"
     if case == "state of another rank":
         name = next(k for k in state if k.endswith(".A"))
         state[name] = torch.zeros(state[name].shape[0], 16)

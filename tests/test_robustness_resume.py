@@ -22,7 +22,7 @@ from conftest import SMALL_TRAINING, SMALL_WORLD
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from rledit.pipeline import cpu_threads
+from rledit.threads import cpu_threads
 from rledit.training.command import train
 from tests.test_ddp import build
 

@@ -11,12 +11,12 @@ from rledit.data.collate import EditCollator
 from rledit.data.streams import EditStream
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import ConfigError
-from rledit.evaluation.command import cpu_threads
 from rledit.evaluation.plots import run_figure
 from rledit.evaluation.runner import Protocol, run_lifelong, validation_scores
 from rledit.evaluation.scoring import RequestScorer, text_rows
 from rledit.models.layers import resolve_edit_modules
 from rledit.session import EditSession
+from rledit.threads import cpu_threads
 
 EDIT_MODULES = "model.layers.{1-2}.mlp.{gate_proj,up_proj}"  # as configs/model/tiny.yaml
 

@@ -8,8 +8,8 @@ import torch
 
 from rledit.data.collate import EditCollator
 from rledit.editors.key_memory import KeyMemory
+from rledit.editors.ridge import RidgeEditor
 from rledit.editors.ridge_solve import ridge_update
-from rledit.editors.rledit import RLEditEditor
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
 from rledit.models.layers import resolve_edit_modules
@@ -90,7 +90,7 @@ def test_memory_weight_must_be_positive():
 @pytest.mark.parametrize("per_sequence", [True, False])
 def test_normalizer_statistics_start_empty_for_each_sequence_only_when_asked(memory_setup, per_sequence):
     model, editable, shapes, batches = memory_setup
-    editor = RLEditEditor(shapes, rank=8, norm_per_sequence=per_sequence)
+    editor = RidgeEditor(shapes, rank=8, norm_per_sequence=per_sequence)
     normalizer = next(iter(editor.bank.normalizers.values()))
     session = EditSession(model, editable, editor)
     session.edit(batches[0])

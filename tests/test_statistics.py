@@ -10,10 +10,10 @@ from rledit.data.collate import EditCollator
 from rledit.data.records import EditRecord
 from rledit.data.text import RecordPrompts, SampledText, TextFile
 from rledit.errors import ConfigError
-from rledit.evaluation.command import cpu_threads
 from rledit.models import statistics as statistics_module
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics, token_batches
+from rledit.threads import cpu_threads
 
 SPEC = "model.layers.{0-2}.mlp.down_proj"
 

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from rledit.errors import ConfigError
-from rledit.pipeline import cpu_threads
+from rledit.threads import cpu_threads
 from rledit.training.command import train, validation_length
 from tests.test_robustness_resume import REPO, TRAIN_OVERRIDES, editor_state
 

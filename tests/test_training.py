@@ -13,7 +13,7 @@ from rledit.data.records import EditRecord, LocalityPair
 from rledit.editing.functional import functional_update
 from rledit.editing.ledger import UpdateLedger
 from rledit.editing.losses import forward_logits, locality_kl, target_nll
-from rledit.editors.rledit import RLEditEditor
+from rledit.editors.ridge import RidgeEditor
 from rledit.errors import ConfigError
 from rledit.models.layers import resolve_edit_modules
 from rledit.training.rollout import Objective, _locality_look_back, _look_back, rollout
@@ -44,7 +44,7 @@ def setup():
     editable = resolve_edit_modules(model, "model.layers.{1-2}.mlp.{gate_proj,up_proj}")
     collator = EditCollator(tokenizer)
     steps = [collator(records[i:i + 3]) for i in range(0, 12, 3)]
-    editor = RLEditEditor({n: (em.d_out, em.d_in) for n, em in editable.items()}, rank=8)
+    editor = RidgeEditor({n: (em.d_out, em.d_in) for n, em in editable.items()}, rank=8)
     modules = {n: em.module for n, em in editable.items()}
     with torch.no_grad():
         editor.predict_update(model, modules, steps[0].edit)  # calibrate step sizes

@@ -22,11 +22,11 @@ from rledit.pipeline import (
     Experiment,
     build_editor,
     build_experiment,
-    cpu_threads,
     load_editor_checkpoint,
     require_subjects,
 )
 from rledit.session import EditSession
+from rledit.threads import cpu_threads
 
 HOW_TO_EVALUATE_A_TRAINED_EDITOR = (
     "To evaluate a trained RLEdit editor instead: run `python train.py` (it saves editor.ckpt in its run "

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from rledit.data.synthetic.encoding import encode
 from rledit.data.synthetic.options import config_from_mapping
 from rledit.data.synthetic.world import World
 from rledit.errors import ConfigError, PretrainingError
+from rledit.threads import cpu_threads
 
 # Bump when training changes, so models cached by an older trainer are not reused.
 PRETRAIN_FORMAT = 2
@@ -117,7 +117,7 @@ def pretrain(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConf
     """Train a fresh model on "template(subject) object</s>" for every fact and template until every
     template's accuracy on the true objects reaches `training.target_accuracy`. Returns the model in
     eval mode and the report; raises PretrainingError if `training.max_epochs` were not enough."""
-    with _torch_threads(training.threads):
+    with cpu_threads(training.threads):
         model, report = _train(world, tokenizer, config, training, progress)
     worst_template, worst = min(report.accuracy["per_template"].items(), key=lambda item: item[1])
     if worst < training.target_accuracy:
@@ -194,11 +194,3 @@ def _warmup_cosine_floor(warmup_steps: int, cosine_steps: int, floor: float) -> 
     return factor
 
 
-@contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
