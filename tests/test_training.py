@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rledit.data.collate import EditCollator
 from rledit.data.records import EditRecord, LocalityPair
 from rledit.editing.functional import functional_update
 from rledit.editing.ledger import UpdateLedger
-from rledit.editing.losses import forward_logits, locality_kl, target_nll
+from rledit.editing.losses import forward_logits, shifted, target_nll
 from rledit.editors.ridge import RidgeEditor
 from rledit.errors import ConfigError
 from rledit.models.layers import resolve_edit_modules
@@ -20,6 +21,15 @@ from rledit.training.rollout import Objective, _locality_look_back, _look_back, 
 from tests.test_collate import build_word_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+
+
+def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference: KL(p_base || p_edited) averaged over the answer positions of locality prompts."""
+    base, _, mask = shifted(base_logits, labels)
+    edited, _, _ = shifted(edited_logits, labels)
+    base_logp = base[mask].float().log_softmax(-1)
+    edited_logp = edited[mask].float().log_softmax(-1)
+    return F.kl_div(edited_logp, base_logp, log_target=True, reduction="batchmean")
 
 
 def make_records(n: int) -> list[EditRecord]:

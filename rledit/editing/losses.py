@@ -30,15 +30,6 @@ def weighted_target_nll(logits: torch.Tensor, labels: torch.Tensor, row_weight: 
     return ((nll * mask).sum(-1) * row_weight).sum()
 
 
-def locality_kl(base_logits: torch.Tensor, edited_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(p_base || p_edited) averaged over the answer positions of locality prompts."""
-    base, _, mask = shifted(base_logits, labels)
-    edited, _, _ = shifted(edited_logits, labels)
-    base_logp = base[mask].float().log_softmax(-1)
-    edited_logp = edited[mask].float().log_softmax(-1)
-    return F.kl_div(edited_logp, base_logp, log_target=True, reduction="batchmean")
-
-
 def answer_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probabilities at the scored positions, row-major: (number of scored positions, vocab).
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -125,7 +124,7 @@ class HyperNetworkBank(nn.Module):
 
     Modules are addressed by their name in `model.named_modules()`. Within a shape group, a module's
     index into the per-module parameters is its rank in the sorted names of the group, so a bank rebuilt
-    with `from_config(config())` lines up with a saved `state_dict()` whatever the order of the names.
+    with the same shapes and options lines up with a saved `state_dict()` whatever the order of the names.
     """
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], net: str = "ridge", rank: int = 1,
@@ -163,16 +162,6 @@ class HyperNetworkBank(nn.Module):
         if len(shape) != 2 or any(int(d) != d or d < 1 for d in shape):
             raise ConfigError(f"module '{name}': weight shape must be two positive ints (d_out, d_in), got {shape}")
         return int(shape[0]), int(shape[1])
-
-    def config(self) -> dict[str, Any]:
-        """Everything needed, with `state_dict()`, to rebuild this bank (plain types: YAML/JSON safe)."""
-        return {"module_shapes": {name: list(shape) for name, shape in self._shapes.items()}, **self._hparams}
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> HyperNetworkBank:
-        options = dict(config)
-        shapes = {name: tuple(shape) for name, shape in options.pop("module_shapes").items()}
-        return cls(shapes, **options)
 
     @property
     def names(self) -> tuple[str, ...]:
