@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from rledit.data.records import EditRecord
 from rledit.data.synthetic import WorldModel, load_world_model
 from rledit.errors import PretrainingError
+from rledit.paths import CONFIG_DIR
 
 # The default architecture on a small world, trained until every template reaches the default target
 # accuracy (0.98) within the budget, so edits on it are measurable on any CPU.
@@ -47,3 +49,9 @@ def small_world(small_world_model) -> list[str]:
             *[f"model.load.training.{key}={value}" for key, value in SMALL_TRAINING.items()],
             f"model.load.cache_dir={cache_dir}", "model.load.progress=false",
             "num_steps=3", "edits_per_step=4", "cpu_threads=1"]
+
+
+def composed_model_config(stem: str):
+    """configs/model/<stem>.yaml as the entry points see it (its shared base merged in)."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        return compose("evaluate", overrides=[f"model={stem}"]).model

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from rledit.editors.base import Editor
 from rledit.paths import CONFIG_DIR
 
-GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "base")  # base/: shared parts
 SHAPES = {"model.layers.0.mlp.down_proj": (8, 16), "model.layers.1.mlp.down_proj": (8, 16)}
 ONE_MODULE = {"model.layers.0.mlp.down_proj": (8, 16)}
 

@@ -23,6 +23,7 @@ from transformers import (
 from rledit.errors import LayerSpecError
 from rledit.models.layers import expand_layer_spec, resolve_edit_modules
 from rledit.models.loading import load_model
+from tests.conftest import composed_model_config
 
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 SHIPPED = sorted(p for p in MODEL_CONFIGS.glob("*.yaml") if p.name != "tiny.yaml")
@@ -142,7 +143,7 @@ def test_every_architecture_check_has_a_shipped_config() -> None:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_config_is_well_formed(path: Path) -> None:
-    cfg = OmegaConf.load(path)
+    cfg = composed_model_config(path.stem)
     assert cfg.name == path.stem
     assert cfg.load._target_ == "rledit.models.loading.load_model"
     load_args = {k: v for k, v in OmegaConf.to_container(cfg.load).items() if k != "_target_"}
@@ -153,7 +154,7 @@ def test_shipped_config_is_well_formed(path: Path) -> None:
 
 @pytest.mark.parametrize("stem", sorted(ARCHITECTURES))
 def test_shipped_specs_resolve_on_the_architecture(stem: str) -> None:
-    cfg = OmegaConf.load(MODEL_CONFIGS / f"{stem}.yaml")
+    cfg = composed_model_config(stem)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(ARCHITECTURES[stem])
     found = resolve_edit_modules(model, list(cfg.edit_modules))

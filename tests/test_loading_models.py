@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -19,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from rledit.errors import ConfigError
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.loading import load_model, locate_source
+from tests.conftest import composed_model_config
 
 SMOLLM2_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "smollm2-135m.yaml"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,7 +103,7 @@ def test_package_source_is_found_without_importing_it() -> None:
 
 @smollm2
 def test_smollm2_loads_offline_from_its_config_and_knows_paris() -> None:
-    cfg = OmegaConf.load(SMOLLM2_CONFIG)
+    cfg = composed_model_config(SMOLLM2_CONFIG.stem)
     loaded = instantiate(cfg.load, device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     assert all(not p.requires_grad for p in model.parameters()) and tokenizer.pad_token is not None

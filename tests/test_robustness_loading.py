@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from rledit.errors import ConfigError
 from rledit.models import loading
@@ -18,6 +17,7 @@ from rledit.pipeline import (
     editor_checkpoint,
     load_editor_checkpoint,
 )
+from tests.conftest import composed_model_config
 from tests.test_evaluate_cli import compose_config
 from tests.test_loading_models import tiny_folder  # noqa: F401 (a fixture)
 
@@ -136,7 +136,7 @@ def test_model_code_runs_only_when_the_user_asks(tiny_folder, from_pretrained_ca
 
 
 def test_every_hub_model_config_says_trust_remote_code_false():
-    configs = [OmegaConf.load(path) for path in sorted((REPO / "configs" / "model").glob("*.yaml"))]
+    configs = [composed_model_config(path.stem) for path in sorted((REPO / "configs" / "model").glob("*.yaml"))]
     hub_loaded = [cfg for cfg in configs if cfg.load._target_ == "rledit.models.loading.load_model"]
     assert len(hub_loaded) >= 7
     assert all(cfg.load.trust_remote_code is False for cfg in hub_loaded), [cfg.name for cfg in hub_loaded]
