@@ -34,10 +34,8 @@ import torch
 from harness import ROOT, LiveTensorMemory, MiB, compose_config, default_data, synchronize
 from hydra.utils import instantiate
 
-from rledit.data.streams import EditStreamDataModule
 from rledit.pipeline import build_editor, build_experiment
 from rledit.threads import cpu_threads
-from rledit.training.command import build_objective
 from rledit.training.module import EditorTrainer, FrozenTarget
 
 LIMIT = 1.25
@@ -99,15 +97,13 @@ def measure(overrides: list[str], timed_steps: int, threads: int | None) -> dict
         L.seed_everything(cfg.seed)
         experiment = build_experiment(cfg)
         editor = build_editor(cfg, experiment)
-        objective, sequence_length = build_objective(cfg)
-        training = cfg.training
+        objective = instantiate(cfg.editor.objective)
         probe = StepProbe(timed_steps)
-        datamodule = EditStreamDataModule(
+        datamodule = instantiate(cfg.datamodule, _partial_=True)(
             experiment.data.train, experiment.data.eval, experiment.collator,
-            edits_per_step=training.edits_per_step, train_num_steps=sequence_length, eval_num_steps=1,
-            sequences_per_epoch=probe.steps, seed=cfg.seed)
-        module = EditorTrainer(editor, FrozenTarget(experiment.model, experiment.editable), objective,
-                               lr=training.lr, grad_clip=training.grad_clip, step_every=training.step_every)
+            train_num_steps=objective.sequence_length, eval_num_steps=1, sequences_per_epoch=probe.steps)
+        module = instantiate(cfg.module, _partial_=True)(
+            editor, FrozenTarget(experiment.model, experiment.editable), objective)
         trainer = instantiate(cfg.trainer, max_epochs=1, logger=False, callbacks=[probe], limit_val_batches=0,
                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(module, datamodule=datamodule)

@@ -11,7 +11,9 @@ from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 
 from rledit.editors.base import Editor
+from rledit.evaluation.runner import Protocol
 from rledit.paths import CONFIG_DIR
+from rledit.training.rollout import Objective
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "base")  # base/: shared parts
 SHAPES = {"model.layers.0.mlp.down_proj": (8, 16), "model.layers.1.mlp.down_proj": (8, 16)}
@@ -61,6 +63,11 @@ def test_every_config_composes_and_its_objects_instantiate(group, option, tmp_pa
         instantiate(callback)
     if "trainer" in cfg:
         assert instantiate(cfg.trainer, logger=False, enable_progress_bar=False) is not None
+        assert isinstance(instantiate(cfg.editor.objective), Objective)
+        assert callable(instantiate(cfg.datamodule, _partial_=True))
+        assert callable(instantiate(cfg.module, _partial_=True))
+    if "protocol" in cfg:
+        assert isinstance(instantiate(cfg.protocol, num_steps=2), Protocol)
 
 
 @pytest.mark.parametrize("source", options("stats/source"))

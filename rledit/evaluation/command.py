@@ -40,8 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, Any]:
-    protocol = Protocol(num_steps=_num_steps(cfg), edits_per_step=cfg.edits_per_step, eval_timing=cfg.eval_timing,
-                        curve_every=cfg.curve_every, seed=cfg.seed, eval_batch_size=cfg.eval_batch_size)
+    protocol: Protocol = instantiate(cfg.protocol, num_steps=_num_steps(cfg))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -12,10 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.atomic_write import partial_path
-from rledit.data.streams import EditStreamDataModule
 from rledit.errors import ConfigError
 from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
-from rledit.training.module import EditorTrainer, FrozenTarget
+from rledit.training.module import FrozenTarget
 from rledit.training.rollout import Objective
 
 
@@ -28,15 +27,15 @@ def train(cfg: DictConfig) -> Path:
     if not editor.trainable:
         raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
                           f"python evaluate.py editor={cfg.editor.name}")
-    objective, sequence_length = build_objective(cfg)
+    objective: Objective = instantiate(cfg.editor.objective)
     training = cfg.training
-    val_num_steps = validation_length(cfg, len(experiment.data.train), len(experiment.data.eval), sequence_length)
-    datamodule = EditStreamDataModule(
-        experiment.data.train, experiment.data.eval, experiment.collator, edits_per_step=training.edits_per_step,
-        train_num_steps=sequence_length, eval_num_steps=val_num_steps,
-        sequences_per_epoch=max(1, training.batches_per_epoch // sequence_length), seed=cfg.seed)
-    module = EditorTrainer(editor, FrozenTarget(experiment.model, experiment.editable), objective,
-                           lr=training.lr, grad_clip=training.grad_clip, step_every=training.step_every)
+    length = objective.sequence_length
+    # Built as partials, so that the records, the editor and the model are passed as they are, never copied.
+    datamodule = instantiate(cfg.datamodule, _partial_=True)(
+        experiment.data.train, experiment.data.eval, experiment.collator, train_num_steps=length,
+        eval_num_steps=validation_length(cfg, len(experiment.data.train), len(experiment.data.eval), length),
+        sequences_per_epoch=max(1, training.batches_per_epoch // length))
+    module = instantiate(cfg.module, _partial_=True)(editor, FrozenTarget(experiment.model, experiment.editable), objective)
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -61,13 +60,6 @@ def train(cfg: DictConfig) -> Path:
         os.replace(partial, path)
         print(f"editor checkpoint: {path}")
     return path
-
-
-def build_objective(cfg: DictConfig) -> tuple[Objective, int]:
-    """The editor's training objective and the length of its training sequences."""
-    options = OmegaConf.to_container(cfg.editor.objective, resolve=True)
-    sequence_length = options.pop("sequence_length")
-    return Objective(**{**options, "gen_prompts": tuple(options["gen_prompts"])}), sequence_length
 
 
 def validation_length(cfg: DictConfig, n_train: int, n_eval: int, sequence_length: int) -> int:

@@ -40,8 +40,9 @@ GOLDEN_FRACTION = (math.sqrt(5.0) - 1.0) / 2.0
 
 @dataclass(frozen=True)
 class Objective:
-    """Weights of the sequence-level reward (the RLEdit paper)."""
+    """Length of a training sequence and the weights of its sequence-level reward (the RLEdit paper)."""
 
+    sequence_length: int = 50     # T: edit steps per training sequence
     back_depth: int = 10          # k: how many recent batches each step's reward looks back at
     decay: float = 0.95           # mu: weight of the batch j steps back
     discount: float = 1.0         # gamma: weight of step t in the return
@@ -55,10 +56,11 @@ class Objective:
     chunk_rows: int | None = None  # rows per LLM pass when scoring; None: the current batch's rows (memory flat in k)
 
     def __post_init__(self):
+        object.__setattr__(self, "gen_prompts", tuple(self.gen_prompts))  # a config's list reads as a tuple
         bad_chunk = self.chunk_rows is not None and self.chunk_rows < 1
-        if self.back_depth < 1 or bad_chunk or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
-            raise ConfigError(f"objective: back_depth={self.back_depth} and chunk_rows={self.chunk_rows} must be "
-                              f">= 1, decay={self.decay} and discount={self.discount} in (0, 1]")
+        if self.sequence_length < 1 or self.back_depth < 1 or bad_chunk or not 0 < self.decay <= 1 or not 0 < self.discount <= 1:
+            raise ConfigError(f"objective: sequence_length={self.sequence_length}, back_depth={self.back_depth} "
+                              f"and chunk_rows={self.chunk_rows} must be >= 1, decay={self.decay} and discount={self.discount} in (0, 1]")
         unknown = set(self.gen_prompts) - set(GEN_PROMPTS)
         if unknown or not self.gen_prompts:
             raise ConfigError(f"objective: gen_prompts={list(self.gen_prompts)}: choose from {list(GEN_PROMPTS)}")
