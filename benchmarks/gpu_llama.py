@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from rledit.data.collate import IGNORE_INDEX, TokenizedBatch
 from rledit.kernels.lowrank import resolve_backend
 from rledit.models.layers import resolve_edit_modules
-from rledit.models.loading import freeze
+from rledit.runtime import freeze
 from rledit.session import EditSession
 
 

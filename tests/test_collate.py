@@ -101,19 +101,6 @@ def test_target_mask_selects_exactly_the_logits_the_models_own_loss_uses():
     torch.testing.assert_close(selected, output.loss)
 
 
-def test_left_and_right_padding_give_the_same_rows():
-    right = EditCollator(TOKENIZER, padding_side="right")(RECORDS)
-    left = EditCollator(TOKENIZER, padding_side="left")(RECORDS)
-    for group in EXPECTED_ROWS:
-        right_rows, left_rows = getattr(right, group), getattr(left, group)
-        assert torch.equal(right_rows.request_index, left_rows.request_index)
-        for row in range(right_rows.input_ids.shape[0]):
-            assert _unpadded(right_rows, row) == _unpadded(left_rows, row)
-        # left padding puts every row's last token in the last column
-        assert left_rows.attention_mask[:, -1].all()
-    assert not left.edit.attention_mask[:, 0].all()
-
-
 def test_groups_without_rows_are_empty_batches():
     batch = EditCollator(TOKENIZER)([RECORDS[2]])
     assert batch.rephrase.input_ids.shape == batch.locality.labels.shape == (0, 0)
@@ -129,11 +116,6 @@ def test_batch_moves_to_a_device_as_a_whole():
 def test_tokenizer_without_pad_token_is_refused():
     with pytest.raises(ConfigError, match="has no pad token"):
         EditCollator(build_word_tokenizer(TEXTS, with_pad=False))
-
-
-def test_unknown_padding_side_is_refused():
-    with pytest.raises(ConfigError, match="padding_side must be 'right' or 'left', got 'center'"):
-        EditCollator(TOKENIZER, padding_side="center")
 
 
 def test_row_longer_than_max_length_names_record_and_field():
@@ -172,12 +154,10 @@ def test_bpe_rows_match_tokenizing_the_whole_sentence(smollm2_tokenizer):
                           target_true="Spain",
                           rephrase_prompts=("Autonomous University of Madrid is located in",))]
     right = EditCollator(smollm2_tokenizer)(records)
-    left = EditCollator(smollm2_tokenizer, padding_side="left")(records)
     assert right.edit.labels[0][right.edit.labels[0] != IGNORE_INDEX].tolist() == \
         smollm2_tokenizer(" Paris", add_special_tokens=False)["input_ids"]
     for row, record in enumerate(records):
         tokens, _, _ = _unpadded(right.edit, row)
         # GPT-2 style BPE starts a new word at the space, so prompt + " target" tokenizes piecewise
         assert tokens == smollm2_tokenizer(f"{record.prompt} {record.target_new}")["input_ids"]
-        assert _unpadded(left.edit, row) == _unpadded(right.edit, row)
     assert right.edit.input_ids[0, -1].item() == smollm2_tokenizer.pad_token_id

@@ -119,13 +119,12 @@ def test_bad_sources_and_options_are_clear_errors(small_world_model, modules, tm
 def test_edit_rows_carry_the_subjects_token_span(small_world_model, small_edit_requests):
     tokenizer = small_world_model.tokenizer
     requests = small_edit_requests[:6]
-    for side in ("right", "left"):
-        batch = EditCollator(tokenizer, padding_side=side)(requests)
-        for tokenized in (batch.edit, batch.rephrase):
-            for row in range(tokenized.num_rows):
-                first, last = int(tokenized.subject_first[row]), int(tokenized.subject_last[row])
-                subject = requests[int(tokenized.request_index[row])].subject
-                assert tokenizer.decode(tokenized.input_ids[row, first:last + 1]) == subject
-        assert batch.locality.subject_last is None
+    batch = EditCollator(tokenizer)(requests)
+    for tokenized in (batch.edit, batch.rephrase):
+        for row in range(tokenized.num_rows):
+            first, last = int(tokenized.subject_first[row]), int(tokenized.subject_last[row])
+            subject = requests[int(tokenized.request_index[row])].subject
+            assert tokenizer.decode(tokenized.input_ids[row, first:last + 1]) == subject
+    assert batch.locality.subject_last is None
     no_subject = EditRecord("x", requests[0].prompt, requests[0].target_new, subject="Nobody")
     assert EditCollator(tokenizer)([no_subject]).edit.subject_last.tolist() == [-1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -143,18 +142,16 @@ def _true_pairs(records: Sequence[EditRecord]) -> list[_Pair]:
 
 
 class EditCollator:
-    """Turns a list of EditRecords into an EditBatch (a callable, so it can serve as a collate_fn)."""
+    """Turns a list of EditRecords into an EditBatch of right-padded rows (a callable, so it can serve as a
+    collate_fn). Right padding only: scoring reads a row up to its last target token and stacks rows by it."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-                 padding_side: Literal["right", "left"] = "right"):
-        if padding_side not in ("right", "left"):
-            raise ConfigError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
         if tokenizer.pad_token_id is None:
             raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no pad token; set "
                               "tokenizer.pad_token (for example to its eos token) before collating")
         if max_length is not None and max_length < 2:
             raise ConfigError(f"max_length must be >= 2 (a prompt and a target token), got {max_length}")
-        self.tokenizer, self.max_length, self.padding_side = tokenizer, max_length, padding_side
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     def row_problems(self, records: Sequence[EditRecord]) -> list[tuple[str, str] | None]:
         """For each record, its first row that cannot be collated, as (field, problem), or None.
@@ -202,25 +199,15 @@ class EditCollator:
             if problem is not None:
                 raise DataError(f"record {pair.record_id!r}, field '{pair.field}': {problem}")
 
-        length = max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids, strict=True))
-        input_ids = torch.full((len(pairs), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)
-        labels = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)
+        input_ids, attention_mask = pad_right([p + t for p, t in zip(prompt_ids, target_ids, strict=True)],
+                                              self.tokenizer.pad_token_id)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
         for row, (prompt, target) in enumerate(zip(prompt_ids, target_ids, strict=True)):
-            start = length - len(prompt) - len(target) if self.padding_side == "left" else 0
-            target_start, end = start + len(prompt), start + len(prompt) + len(target)
-            input_ids[row, start:end] = torch.tensor(prompt + target)
-            attention_mask[row, start:end] = 1
-            labels[row, target_start:end] = torch.tensor(target)
+            labels[row, len(prompt):len(prompt) + len(target)] = torch.tensor(target)
         target_mask = torch.zeros_like(labels, dtype=torch.bool)
         target_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         request_index = torch.tensor([p.request_index for p in pairs], dtype=torch.long)
-        first = last = None
-        if locate_subjects:
-            offset = (attention_mask == 0).long().argmin(-1) if self.padding_side == "left" else 0
-            first, last = self._subject_span(pairs, prompt_ids)
-            found = last >= 0
-            first, last = torch.where(found, first + offset, -1), torch.where(found, last + offset, -1)
+        first, last = self._subject_span(pairs, prompt_ids) if locate_subjects else (None, None)
         return TokenizedBatch(input_ids, attention_mask, labels, target_mask, request_index, first, last)
 
     def _subject_span(self, pairs: Sequence[_Pair],

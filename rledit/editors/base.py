@@ -45,6 +45,12 @@ class Editor(nn.Module, ABC):
     def setup(self, context: EditContext) -> None:
         """Called once with the experiment before any timed edit (statistics, prompts of its own)."""
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the next prediction will also set the editor's step sizes (training starts with one, so
+        every process begins from the same editor)."""
+        return False
+
     @abstractmethod
     def predict_update(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> FactoredUpdate:
         """The factored update for `batch` on the current weights."""

@@ -46,6 +46,10 @@ class HypernetEditor(FactorEditor):
     def extra_config(self) -> dict:
         return dict(self.hparams)
 
+    @property
+    def needs_calibration(self) -> bool:
+        return not bool(self.calibrated)
+
     def update_from_factors(self, factors: Mapping[str, CapturedFactors]) -> FactoredUpdate:
         update = {}
         for name, f in factors.items():

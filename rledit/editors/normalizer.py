@@ -58,12 +58,17 @@ class RunningNormalizer(nn.Module):
         n_batch = weight.sum()
         batch_mean = (weight @ z) / n_batch.clamp_min(1.0)
         batch_m2 = weight @ (z - batch_mean).square()
+        self.merge(n_batch, batch_mean, batch_m2)
+
+    @torch.no_grad()
+    def merge(self, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add the moments of `n` more rows (Chan et al.'s pairwise update: exact in any order of merges)."""
         n_old = self.count.to(torch.float64)
-        n_new = n_old + n_batch
-        delta = batch_mean - self.mean
-        self.mean += delta * (n_batch / n_new.clamp_min(1.0))
-        self.m2 += batch_m2 + delta.square() * (n_old * n_batch / n_new.clamp_min(1.0))
-        self.count += n_batch.round().to(torch.int64)
+        total = n_old + n
+        delta = mean - self.mean
+        self.mean += delta * (n / total.clamp_min(1.0))
+        self.m2 += m2 + delta.square() * (n_old * n / total.clamp_min(1.0))
+        self.count += n.round().to(torch.int64)
 
     def variance(self) -> torch.Tensor:
         """Unbiased per-feature variance (zeros while fewer than two rows were observed)."""

@@ -16,15 +16,9 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rledit.errors import ConfigError
+from rledit.runtime import freeze, resolve_device, resolve_dtype
 
 PACKAGE_SCHEME = "pkg://"
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
 
 @dataclass
 class LoadedModel:
@@ -56,22 +50,6 @@ def load_model(source: str, *, gguf_file: str | None = None, dtype: str | torch.
     freeze(model)
     ensure_pad_token(model, tokenizer, source)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Map a config string ('bfloat16', 'fp16', ...) to a torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' means the GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def locate_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -121,12 +99,6 @@ def is_hub_id(source: str) -> bool:
     except HFValidationError:
         return False
     return True
-
-
-def freeze(model: torch.nn.Module) -> None:
-    """Eval mode and no parameter gradients: editors change weights only through explicit updates."""
-    model.eval()
-    model.requires_grad_(False)
 
 
 def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str) -> None:

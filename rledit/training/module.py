@@ -91,11 +91,10 @@ class StatisticsPooling:
             m2_all = m2_new + n_new * (mean_new - mean_all).square()
             dist.all_reduce(m2_all)
             # merged into the common statistics
-            total = n0 + n_all
-            delta = mean_all - mean0
-            norm.mean.copy_(mean0 + delta * (n_all / total.clamp_min(1.0)))
-            norm.m2.copy_(m2_0 + m2_all + delta.square() * (n0 * n_all / total.clamp_min(1.0)))
-            norm.count.copy_(total.round().to(torch.int64))
+            norm.count.copy_(n0.round().to(torch.int64))
+            norm.mean.copy_(mean0)
+            norm.m2.copy_(m2_0)
+            norm.merge(n_all, mean_all, m2_all)
         self.mark()
 
 
@@ -123,7 +122,7 @@ class EditorTrainer(L.LightningModule):
     def on_fit_start(self) -> None:
         """Calibrate step sizes on the first usable batch of one fixed training sequence, so every process
         starts from the same editor; a batch whose factors give no usable step size is passed over."""
-        if hasattr(self.editor, "calibrated") and not bool(self.editor.calibrated):
+        if self.editor.needs_calibration:
             refusals = []
             for batch in self.trainer.datamodule.train_sequences[0]:
                 try:

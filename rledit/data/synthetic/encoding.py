@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from rledit.data.collate import pad_right
+
 
 @dataclass(frozen=True)
 class EncodedBatch:
@@ -37,10 +39,9 @@ def encode(tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], targets: 
     target_ids = tokenizer([" " + target for target in targets], add_special_tokens=False)["input_ids"]
     if append_eos:
         target_ids = [ids + [tokenizer.eos_token_id] for ids in target_ids]
-    lengths = [len(p) + len(t) for p, t in zip(prompt_ids, target_ids, strict=True)]
-    input_ids = torch.full((len(lengths), max(lengths)), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids, attention_mask = pad_right([p + t for p, t in zip(prompt_ids, target_ids, strict=True)],
+                                          tokenizer.pad_token_id)
     target_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
     for row, (prompt, target) in enumerate(zip(prompt_ids, target_ids, strict=True)):
-        input_ids[row, :len(prompt) + len(target)] = torch.tensor(prompt + target)
         target_mask[row, len(prompt):len(prompt) + len(target)] = True
-    return EncodedBatch(input_ids, target_mask, torch.tensor(lengths))
+    return EncodedBatch(input_ids, target_mask, attention_mask.sum(dim=1))

@@ -31,8 +31,8 @@ from rledit.data.synthetic.pretrain import (
 )
 from rledit.data.synthetic.tokenizer import build_tokenizer
 from rledit.data.synthetic.world import WORLD_FORMAT, World, WorldConfig, as_world_config, build_world
-from rledit.errors import ConfigError
 from rledit.paths import default_cache_dir
+from rledit.runtime import freeze, resolve_dtype
 
 WORLD_FILE = "world.json"
 REPORT_FILE = "pretraining.json"
@@ -62,7 +62,7 @@ def load_world_model(world: WorldConfig | Mapping[str, Any] | None = None,
     world_config = as_world_config(world)
     model_overrides = check_model_overrides(model)
     training = training_config(training)
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "synthetic" / \
         f"world-model-{cache_key(world_config, model_overrides, training)}"
     if not folder.is_dir():
@@ -107,15 +107,6 @@ def _pretrain_into(folder: Path, world_config: WorldConfig, model_overrides: Map
 
 def _load(folder: Path, device: str | torch.device, dtype: torch.dtype) -> WorldModel:
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    model.eval()
-    model.requires_grad_(False)
+    freeze(model)
     return WorldModel(model=model, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder),
                       world=World.load(folder / WORLD_FILE), path=folder)
-
-
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ConfigError(f"dtype must be a floating torch dtype such as 'float32' or 'bfloat16', "
-                          f"got {dtype!r}")
-    return resolved
