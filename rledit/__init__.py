@@ -12,7 +12,8 @@ from rledit.api import (
     preserved_statistics,
 )
 from rledit.data.records import EditRecord, LocalityPair
+from rledit.errors import ConfigError, DataError, EditRefusedError
 
 __version__ = "0.1.0"
-__all__ = ["ConfiguredModel", "EditRecord", "EditedModel", "LocalityPair", "evaluate", "load_data", "load_editor",
-           "load_model", "make_editor", "preserved_statistics"]
+__all__ = ["ConfigError", "ConfiguredModel", "DataError", "EditRecord", "EditRefusedError", "EditedModel",
+           "LocalityPair", "evaluate", "load_data", "load_editor", "load_model", "make_editor", "preserved_statistics"]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
@@ -17,7 +16,7 @@ from rledit.data.collate import EditCollator
 from rledit.data.records import EditRecord, record_from_mapping
 from rledit.data.sources import EditData
 from rledit.editors.base import EditContext, Editor
-from rledit.errors import ConfigError, EditRefusedError
+from rledit.errors import ConfigError
 from rledit.evaluation.runner import LifelongResult, Protocol, run_lifelong
 from rledit.evaluation.saved_edits import save_edited_model
 from rledit.evaluation.scoring import text_rows
@@ -126,12 +125,7 @@ class EditedModel:
             (index, (field, message)), = problems[:1]
             raise ConfigError(f"request {index} ({records[index].record_id!r}), field {field}: {message}")
         batch = self.collator(records).edit.to(next(self.model.parameters()).device)
-        snapshot = self.editor.snapshot()
-        try:
-            self.session.edit(batch)
-        except (EditRefusedError, torch.linalg.LinAlgError) as exc:
-            self.editor.restore(snapshot)
-            raise exc if isinstance(exc, EditRefusedError) else EditRefusedError(str(exc)) from exc
+        self.session.edit(batch)
 
     def revert(self, k: int | None = None) -> None:
         """Undo the last `k` edits (all of them when None), bit for bit."""

@@ -10,6 +10,7 @@ from torch import nn
 from rledit.editing.ledger import UpdateLedger
 from rledit.editing.update import FactoredUpdate
 from rledit.editors.base import Editor
+from rledit.errors import EditRefusedError
 from rledit.models.layers import EditableModule
 
 
@@ -30,9 +31,24 @@ class EditSession:
             return self.editor.predict_update(self.model, self.modules, batch)
 
     def edit(self, batch) -> FactoredUpdate:
-        """Predict and commit the update for `batch`; a refused update leaves the model unchanged."""
-        update = self.predict(batch)
-        self.ledger.commit(update)
+        """Predict and commit the update for `batch`.
+
+        Raises EditRefusedError when the editor or the ledger refuses the update (non-finite factors, solve
+        or update; a malformed update) or a finite ridge system is still not positive definite. A refused
+        edit leaves no trace: the ledger has not changed the weights, and the editor's state (lifelong
+        normalizer statistics, step sizes set on its first batch) is put back, so a poisoned batch cannot
+        make every later edit fail too.
+        """
+        editor_state = self.editor.snapshot()
+        try:
+            update = self.predict(batch)
+            self.ledger.commit(update)
+        except EditRefusedError:
+            self.editor.restore(editor_state)
+            raise
+        except torch.linalg.LinAlgError as exc:
+            self.editor.restore(editor_state)
+            raise EditRefusedError(f"the editor's solve failed: {exc}") from exc
         self.editor.committed()
         return update
 

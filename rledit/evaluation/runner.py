@@ -183,18 +183,10 @@ def _timed_edit(session: EditSession, batch: EditBatch, device: torch.device) ->
 
 
 def _edit_or_refuse(session: EditSession, batch: TokenizedBatch) -> bool:
-    """Edit `batch` into the session's model; False if the step was refused.
-
-    A step is refused when the editor or the ledger refuses its update (non-finite factors, solve or update;
-    a malformed update) or when a finite ridge system is still not positive definite (LinAlgError). A refused step leaves no trace: the ledger
-    has not changed the weights, and the editor's state (lifelong normalizer statistics, step sizes set on
-    its first batch) is put back, so a poisoned batch cannot make every later step fail too.
-    """
-    editor_state = session.editor.snapshot()
+    """Edit `batch` into the session's model; False if the step was refused (and so left no trace)."""
     try:
         session.edit(batch)
-    except (EditRefusedError, torch.linalg.LinAlgError):
-        session.editor.restore(editor_state)
+    except EditRefusedError:
         return False
     return True
 
