@@ -24,15 +24,15 @@ def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def test_evaluate_and_sweep_commands_run_outside_the_checkout(small_world, tmp_path):
+def test_a_multirun_writes_each_job_into_the_sweep_folder_where_the_sweep_command_collects_them(small_world,
+                                                                                              tmp_path):
     assert not tmp_path.is_relative_to(REPO)
-    for size in (2, 4):
-        run([str(BIN / "rledit-evaluate"), *small_world, f"edits_per_step={size}", "total_edits=8",
-             f"run_dir={tmp_path / 'runs' / str(size)}"], cwd=tmp_path)
-    results = json.loads((tmp_path / "runs" / "2" / "results.json").read_text())
-    assert results["protocol"]["num_requests"] == 8
-    run([str(BIN / "rledit-sweep"), str(tmp_path / "runs")], cwd=tmp_path)
-    assert len((tmp_path / "runs" / "comparison.csv").read_text().splitlines()) == 3
+    run([str(BIN / "rledit-evaluate"), "-m", *small_world, "edits_per_step=2,4", "total_edits=8",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
+    assert (results["protocol"]["num_requests"], results["protocol"]["edits_per_step"]) == (8, 2)
+    run([str(BIN / "rledit-sweep"), str(tmp_path / "sweep")], cwd=tmp_path)
+    assert len((tmp_path / "sweep" / "comparison.csv").read_text().splitlines()) == 3
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")

@@ -38,9 +38,8 @@ def torch_lowrank_update_(master: torch.Tensor, weight: torch.Tensor | None, P: 
                           row_mask: torch.Tensor | None) -> None:
     """PyTorch path: one in-place fp32 GEMM with beta=1, so BLAS accumulates straight into master.
 
-    Only the (N x d) factors are copied, never a d_out x d_in update. Processing master in row
-    blocks (so the cast reads a block while it is still in cache) was measured on CPU and was not
-    faster than this single GEMM followed by one cast.
+    Only the (N x d) factors are copied, never a d_out x d_in update. (Row blocks, so that the cast reads
+    a block while it is still in cache, were tried on CPU and were not faster.)
     """
     if row_mask is not None:
         # Indexing drops the masked rows, so padding (even NaN) never enters the product.

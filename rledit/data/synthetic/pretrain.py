@@ -179,7 +179,7 @@ def _train(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConfig
 
 def _without_subjects(labels: torch.Tensor, tokenizer: PreTrainedTokenizerFast, world: World) -> torch.Tensor:
     """Subject names are drawn at random, so predicting them is irreducible noise; leaving them out of
-    the loss sped up memorising the facts (measured: accuracy 0.79 -> 0.90 at the same budget)."""
+    the loss lets the budget go to memorising the facts."""
     subject_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(world.subjects)))
     return labels.masked_fill(torch.isin(labels, subject_ids), -100)
 
