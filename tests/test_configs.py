@@ -3,6 +3,7 @@ data are resolved to their callables, not loaded: that is the loading tests' job
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from rledit.training.rollout import Objective
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "base")  # base/: shared parts
 SHAPES = {"model.layers.0.mlp.down_proj": (8, 16), "model.layers.1.mlp.down_proj": (8, 16)}
+REPO = Path(__file__).resolve().parents[1]
 ONE_MODULE = {"model.layers.0.mlp.down_proj": (8, 16)}
 
 
@@ -82,3 +84,38 @@ def test_an_experiment_sets_what_its_row_ran():
         ("smollm2-135m", "counterfact", "alphaedit", 25, 20)
     assert Path(cfg.stats.source.path).name == "wiki.valid.txt"
     assert composed("evaluate", "experiment=smollm2-cf-locate-500", "editor=memit").editor.name == "memit"
+
+
+DOCUMENTS = ("README.md", "BENCHMARKS.md")
+
+
+def documented_experiments() -> dict[str, set[str]]:
+    """experiment=NAME as the documents write it, NAME -> the documents that do."""
+    named: dict[str, set[str]] = {}
+    for document in DOCUMENTS:
+        for name in re.findall(r"experiment=([a-z0-9][\w./-]*[\w])", (REPO / document).read_text()):
+            named.setdefault(name, set()).add(document)
+    return named
+
+
+def shared_experiments() -> set[str]:
+    """Experiments that other experiments build on (a table's common settings), named by their rows instead."""
+    shared = set()
+    for path in (CONFIG_DIR / "experiment").rglob("*.yaml"):
+        for entry in OmegaConf.load(path).get("defaults", []):
+            if isinstance(entry, str) and entry != "_self_":
+                shared.add(entry.removeprefix("/experiment/"))
+    return shared
+
+
+def test_every_documented_row_is_an_experiment_and_every_experiment_is_documented():
+    files, named = set(options("experiment")), documented_experiments()
+    assert not set(named) - files, f"documents name experiments that do not exist: {sorted(set(named) - files)}"
+    unnamed = files - set(named) - shared_experiments()
+    assert not unnamed, f"experiments no document names: {sorted(unnamed)}"
+
+
+@pytest.mark.parametrize("name", sorted(documented_experiments()))
+def test_every_documented_experiment_composes_with_its_entry_point(name, tmp_path):
+    cfg = composed(entry_point("experiment", name), f"experiment={name}", f"run_dir={tmp_path}")
+    assert cfg.model.name and cfg.data.name
