@@ -45,7 +45,7 @@ from rledit.data.streams import EditStream
 from rledit.editing.losses import forward_logits, target_nll
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.models.layers import EditableModule
-from rledit.pipeline import build_editor, build_experiment, load_editor_checkpoint
+from rledit.pipeline import build_editor, build_experiment, checkpoint_editor_class, load_editor_checkpoint
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
 
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
     experiment = build_experiment(cfg)
     if args.checkpoint:
         editor, ckpt = load_editor_checkpoint(str(Path(args.checkpoint).resolve()), experiment)
-        editor_label = f"{ckpt['editor_class']} from {args.checkpoint}"
+        editor_label = f"{checkpoint_editor_class(ckpt)} from {args.checkpoint}"
     else:
         editor = build_editor(cfg, experiment)
         editor_label = f"editor={args.editor} ({'untrained' if editor.trainable else 'training-free'})"

@@ -16,7 +16,7 @@ from rledit.editors.base import Editor
 from rledit.errors import ConfigError, DataError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 
-EDITOR_CHECKPOINT_FORMAT = "rledit-editor/1"
+EDITOR_CHECKPOINT_FORMAT = "rledit-editor/2"
 
 
 @dataclass
@@ -87,14 +87,17 @@ def build_editor(cfg: DictConfig, experiment: Experiment) -> Editor:
 
 
 def editor_checkpoint(editor: Editor, cfg: DictConfig) -> dict:
-    """What `editor.ckpt` holds: how to rebuild the editor, its state, and the config; never the LLM."""
+    """What `editor.ckpt` holds: the composed config (its `editor.build` rebuilds the editor), the shapes of
+    the modules it was built for, its state; never the LLM."""
     return {"format": EDITOR_CHECKPOINT_FORMAT,
-            "editor_class": f"{type(editor).__module__}.{type(editor).__qualname__}",
-            "editor_config": editor.config(),
+            "module_shapes": {name: list(shape) for name, shape in editor.module_shapes.items()},
             "state_dict": {k: v.detach().cpu() for k, v in editor.state_dict().items()},
-            "model": cfg.model.name,
-            "edit_modules": list(cfg.model.edit_modules),
             "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def checkpoint_editor_class(ckpt: dict) -> str:
+    """The editor class a checkpoint read by `read_editor_checkpoint` names."""
+    return ckpt["config"]["editor"]["build"]["_target_"]
 
 
 def load_editor_checkpoint(path: str, experiment: Experiment) -> tuple[Editor, dict]:
@@ -112,22 +115,21 @@ def load_editor_checkpoint(path: str, experiment: Experiment) -> tuple[Editor, d
 def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple[int, int]],
                            device: torch.device) -> Editor:
     """The editor a checkpoint read by `read_editor_checkpoint` describes, for modules of `module_shapes`."""
-    saved = {name: tuple(shape) for name, shape in ckpt["editor_config"]["module_shapes"].items()}
+    saved = {name: tuple(shape) for name, shape in ckpt["module_shapes"].items()}
     if saved != module_shapes:
-        raise ConfigError(f"checkpoint={path} was trained for modules {saved} of model {ckpt['model']!r}, "
-                          f"but this model's edited modules are {module_shapes}")
-    editor_class = ckpt["editor_class"]
-    try:
+        raise ConfigError(f"checkpoint={path} was trained for modules {saved} of model "
+                          f"{ckpt['config']['model']['name']!r}, but this model's edited modules are {module_shapes}")
+    editor_class = checkpoint_editor_class(ckpt)
+    try:  # only rledit's own editor classes: a checkpoint must never name code to run
         cls = get_class(editor_class) if editor_class.startswith("rledit.editors.") else None
     except (ImportError, ValueError):
         cls = None
     if cls is None or not issubclass(cls, Editor):
         raise ConfigError(f"checkpoint={path} names editor class {editor_class!r}, "
                           "which is not an rledit editor")
-    options = dict(ckpt["editor_config"])
-    shapes = {name: tuple(shape) for name, shape in options.pop("module_shapes").items()}
+    options = {k: v for k, v in ckpt["config"]["editor"]["build"].items() if k not in ("_target_", "_partial_")}
     try:
-        editor = cls(shapes, **options)
+        editor = cls(saved, **options)
         editor.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError, RleditError) as exc:  # unknown options; missing, extra, misshapen state
         raise ConfigError(f"checkpoint={path} does not fit {editor_class} with options {options}: "
@@ -144,10 +146,15 @@ def read_editor_checkpoint(path: str) -> dict:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise ConfigError(f"checkpoint={path} cannot be loaded with weights_only=True (it holds objects "
                           f"other than tensors and plain containers, or is damaged): {exc}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != EDITOR_CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("rledit-editor/"):
         raise ConfigError(f"checkpoint={path} is not an rledit editor checkpoint")
-    missing = [key for key in ("editor_class", "editor_config", "state_dict", "model") if key not in ckpt]
-    if missing or "module_shapes" not in ckpt["editor_config"]:
-        raise ConfigError(f"checkpoint={path} is an incomplete editor checkpoint "
-                          f"(missing {', '.join(missing) or 'editor_config.module_shapes'})")
+    if ckpt["format"] != EDITOR_CHECKPOINT_FORMAT:
+        raise ConfigError(f"checkpoint={path} has format {ckpt['format']!r}, this rledit reads "
+                          f"{EDITOR_CHECKPOINT_FORMAT!r}: train the editor again with this version")
+    missing = [key for key in ("module_shapes", "state_dict", "config") if key not in ckpt]
+    build = ckpt.get("config", {}).get("editor", {}).get("build", {})
+    if not missing and "_target_" not in build:
+        missing = ["config.editor.build._target_"]
+    if missing:
+        raise ConfigError(f"checkpoint={path} is an incomplete editor checkpoint (missing {', '.join(missing)})")
     return ckpt

@@ -66,19 +66,24 @@ def test_a_damaged_checkpoint_is_a_config_error(experiment_and_checkpoint, tmp_p
         load_editor_checkpoint(str(path), experiment)
 
 
+def _with_build(checkpoint: dict, **build) -> dict:
+    """The checkpoint with its config's editor.build changed."""
+    config = {**checkpoint["config"], "editor": {**checkpoint["config"]["editor"]}}
+    config["editor"]["build"] = {**config["editor"]["build"], **build}
+    return {**checkpoint, "config": config}
+
+
 def _mismatched(checkpoint: dict, case: str) -> tuple[dict, str]:
     """The checkpoint changed so that it no longer fits the model, and the message that must say so."""
-    config, state = dict(checkpoint["editor_config"]), dict(checkpoint["state_dict"])
+    shapes, state = checkpoint["module_shapes"], dict(checkpoint["state_dict"])
     if case == "other modules":
-        config["module_shapes"] = {"model.layers.0.mlp.down_proj": [128, 256]}
-        return {**checkpoint, "editor_config": config}, r"trained for modules \{'model.layers.0.mlp.down"
+        return ({**checkpoint, "module_shapes": {"model.layers.0.mlp.down_proj": [128, 256]}},
+                r"trained for modules \{'model.layers.0.mlp.down")
     if case == "other shapes":
-        shapes = config["module_shapes"]
-        config["module_shapes"] = {name: [2 * rows, cols] for name, (rows, cols) in shapes.items()}
-        return {**checkpoint, "editor_config": config}, r"but this model's edited modules are \{'model.layers"
+        return ({**checkpoint, "module_shapes": {name: [2 * rows, cols] for name, (rows, cols) in shapes.items()}},
+                r"but this model's edited modules are \{'model.layers")
     if case == "unknown option":
-        config["future_option"] = 1
-        return {**checkpoint, "editor_config": config}, r"does not fit .*RidgeEditor with .*future_option"
+        return _with_build(checkpoint, future_option=1), r"does not fit .*RidgeEditor with .*future_option"
     if case == "state of another rank":
         name = next(k for k in state if k.endswith(".A"))
         state[name] = torch.zeros(state[name].shape[0], 16)
@@ -87,15 +92,18 @@ def _mismatched(checkpoint: dict, case: str) -> tuple[dict, str]:
         del state[next(iter(state))]
         return {**checkpoint, "state_dict": state}, r"does not fit .*Missing key"
     if case == "foreign class":
-        return {**checkpoint, "editor_class": "os.system"}, r"names editor class 'os.system', which is not"
+        return _with_build(checkpoint, _target_="os.system"), r"names editor class 'os.system', which is not"
     if case == "incomplete":
         incomplete = {"format": EDITOR_CHECKPOINT_FORMAT, "state_dict": state}
-        return incomplete, r"incomplete editor checkpoint \(missing editor_class, editor_config, model\)"
+        return incomplete, r"incomplete editor checkpoint \(missing module_shapes, config\)"
+    if case == "earlier format":
+        return {**checkpoint, "format": "rledit-editor/1"}, r"has format 'rledit-editor/1', .* train the editor again"
     return {**checkpoint, "format": "something/else"}, r"is not an rledit editor checkpoint"
 
 
 @pytest.mark.parametrize("case", ["other modules", "other shapes", "unknown option", "state of another rank",
-                                  "missing state", "foreign class", "incomplete", "not an editor checkpoint"])
+                                  "missing state", "foreign class", "incomplete", "earlier format",
+                                  "not an editor checkpoint"])
 def test_a_checkpoint_that_does_not_fit_the_model_is_a_config_error_naming_it(experiment_and_checkpoint,
                                                                             tmp_path, case):
     experiment, checkpoint = experiment_and_checkpoint

@@ -73,10 +73,3 @@ class Editor(nn.Module, ABC):
 
     def restore(self, snapshot: Any) -> None:
         self.load_state_dict(snapshot)
-
-    def extra_config(self) -> dict:
-        """Constructor arguments beyond module_shapes, to rebuild the editor."""
-        return {}
-
-    def config(self) -> dict:
-        return {"module_shapes": {n: list(s) for n, s in self.module_shapes.items()}, **self.extra_config()}

@@ -45,5 +45,3 @@ class FactorEditor(Editor):
     def update_from_factors(self, factors: Mapping[str, CapturedFactors]) -> FactoredUpdate:
         """Turn captured factors into a factored update (differentiable in the editor's parameters)."""
 
-    def config(self) -> dict:
-        return {**super().config(), "capture_tokens": self.capture_tokens}

@@ -30,9 +30,6 @@ class FineTuneEditor(FactorEditor):
                               "need steps >= 1, lr > 0 and max_norm > 0 or null")
         self.steps, self.lr, self.max_norm = steps, lr, max_norm
 
-    def extra_config(self) -> dict:
-        return {"steps": self.steps, "lr": self.lr, "max_norm": self.max_norm}
-
     def predict_update(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> FactoredUpdate:
         update: FactoredUpdate = {}
         for _ in range(self.steps):

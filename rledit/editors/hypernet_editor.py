@@ -43,9 +43,6 @@ class HypernetEditor(FactorEditor):
                                      normalize=normalize, update_during_edit=lifelong_norm)
         self.register_buffer("calibrated", torch.tensor(False))
 
-    def extra_config(self) -> dict:
-        return dict(self.hparams)
-
     @property
     def needs_calibration(self) -> bool:
         return not bool(self.calibrated)

@@ -65,9 +65,6 @@ class LocateEditor(Editor):
         self.z_block = _block_of(list(self.module_shapes)[-1])
         self.statistics_info: dict[str, Any] = {}
 
-    def extra_config(self) -> dict:
-        return dict(self.options)
-
     def setup(self, context: EditContext) -> None:
         if context.statistics is None:
             raise ConfigError(f"{type(self).__name__} needs preserved-knowledge statistics: configure `stats` "

@@ -20,5 +20,3 @@ class TrainingFreeEditor(RidgeEditor):
                          edit_memory=edit_memory, norm_per_sequence=norm_per_sequence)
         self.requires_grad_(False)
 
-    def extra_config(self) -> dict:
-        return {k: v for k, v in self.hparams.items() if k not in ("rank", "n_blocks")}

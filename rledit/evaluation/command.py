@@ -22,6 +22,7 @@ from rledit.pipeline import (
     Experiment,
     build_editor,
     build_experiment,
+    checkpoint_editor_class,
     load_editor_checkpoint,
     require_subjects,
 )
@@ -88,9 +89,10 @@ def _editor(cfg: DictConfig, experiment: Experiment) -> tuple[Editor, dict[str, 
     """The checkpoint's editor when one is given, else the configured editor as built (saying what that means)."""
     if cfg.checkpoint:
         editor, ckpt = load_editor_checkpoint(cfg.checkpoint, experiment)
-        print(f"evaluating the editor of checkpoint {cfg.checkpoint} ({ckpt['editor_class']})")
-        return editor, {"name": ckpt["config"].get("editor", {}).get("name", ckpt["editor_class"]),
-                        "class": ckpt["editor_class"], "checkpoint": str(cfg.checkpoint)}
+        editor_class = checkpoint_editor_class(ckpt)
+        print(f"evaluating the editor of checkpoint {cfg.checkpoint} ({editor_class})")
+        return editor, {"name": ckpt["config"]["editor"].get("name", editor_class), "class": editor_class,
+                        "checkpoint": str(cfg.checkpoint)}
     editor = build_editor(cfg, experiment)
     if editor.trainable:
         print(f"No checkpoint given: evaluating editor={cfg.editor.name} UNTRAINED, at its initialization. "
