@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 
 from rledit.editing.update import ModuleUpdate
 from rledit.editors.locate import LocateEditor
+from rledit.editors.nullspace import THRESHOLD_KINDS, nullspace_projector
 from rledit.errors import ConfigError
-
-THRESHOLD_KINDS = ("relative", "absolute")
 
 
 class AlphaEditEditor(LocateEditor):
@@ -34,21 +32,8 @@ class AlphaEditEditor(LocateEditor):
 
     def prepare(self) -> None:
         for name, C in self.second_moments.items():
-            values, vectors = torch.linalg.eigh(C.double())
-            limit = self.options["nullspace_threshold"] * (values.max() if self.options["threshold_kind"] ==
-                                                           "relative" else 1.0)
-            kept = vectors[:, values < limit]
-            rank = kept.shape[1]
-            if rank == 0:
-                raise ConfigError(
-                    f"alphaedit: the null space of module '{name}' is empty at nullspace_threshold="
-                    f"{self.options['nullspace_threshold']} ({self.options['threshold_kind']}; eigenvalues of C "
-                    f"span {float(values.min()):.3g} .. {float(values.max()):.3g}): every update would be zero")
-            if rank == C.shape[0]:
-                warnings.warn(f"alphaedit: the projector of '{name}' keeps every direction (rank {rank}): "
-                              "it protects nothing; lower nullspace_threshold")
-            self.projectors[name] = kept @ kept.T  # fp64, like the solve
-            self.ranks[name] = rank
+            self.projectors[name], self.ranks[name] = nullspace_projector(
+                name, C, self.options["nullspace_threshold"], self.options["threshold_kind"])
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "projector_rank": dict(self.ranks)}

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from rledit.editing.update import ModuleUpdate
+from rledit.editors.base import EditContext
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.editors.key_memory import KeyMemory
+from rledit.editors.nullspace import THRESHOLD_KINDS, nullspace_projector
 from rledit.editors.ridge_solve import ridge_update
-from rledit.errors import EditRefusedError
+from rledit.errors import ConfigError, EditRefusedError
 from rledit.models.capture import CapturedFactors
 
 
@@ -19,7 +22,10 @@ class RidgeEditor(HypernetEditor):
     """D = diag(c) G~ with c_i = -eta <k_i, k~_i>; the update maps each key k_i to its shift d_i (ridge-regularised).
 
     `edit_memory` > 0 also regularises by that weight times the Gram matrix of the keys committed earlier in
-    the sequence (see key_memory.py); 0 is the plain ridge (MALMEN's and UltraEdit's solve).
+    the sequence (see key_memory.py); 0 is the plain ridge (MALMEN's and UltraEdit's solve). Preserved
+    knowledge, from the statistics `setup` receives: `preserve_weight` > 0 adds MEMIT's prior (that weight
+    times C = E[k k^T] over generic text: the solve keeps the outputs of that many generic tokens as it
+    keeps one edit's), `nullspace_threshold` confines every update to AlphaEdit's null space of C.
     """
 
     net_kind = "ridge"
@@ -27,11 +33,49 @@ class RidgeEditor(HypernetEditor):
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
                  init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0,
-                 norm_per_sequence: bool = False):
+                 norm_per_sequence: bool = False, preserve_weight: float = 0.0,
+                 nullspace_threshold: float | None = None, threshold_kind: str = "relative"):
         super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
                          norm_per_sequence)
-        self.hparams.update(init_ridge=init_ridge, edit_memory=edit_memory)
+        if preserve_weight < 0 or (nullspace_threshold is not None and nullspace_threshold <= 0) \
+                or threshold_kind not in THRESHOLD_KINDS:
+            raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0, nullspace_threshold="
+                              f"{nullspace_threshold} > 0 or null, threshold_kind={threshold_kind!r} one of "
+                              f"{THRESHOLD_KINDS}")
+        self.hparams.update(init_ridge=init_ridge, edit_memory=edit_memory, preserve_weight=preserve_weight,
+                            nullspace_threshold=nullspace_threshold, threshold_kind=threshold_kind)
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
+        self.priors: dict[str, torch.Tensor] = {}      # preserve_weight x C, per module (from setup)
+        self.projectors: dict[str, torch.Tensor] = {}  # null-space projectors, per module (from setup)
+        self.projector_ranks: dict[str, int] = {}
+        self.statistics_info: dict[str, Any] = {}
+
+    @property
+    def preserves_knowledge(self) -> bool:
+        return self.hparams["preserve_weight"] > 0 or self.hparams["nullspace_threshold"] is not None
+
+    def setup(self, context: EditContext) -> None:
+        if not self.preserves_knowledge:
+            return
+        if context.statistics is None:
+            raise ConfigError("the ridge editor's preserve_weight / nullspace_threshold need preserved-knowledge "
+                              "statistics: configure `stats` (for example stats/source=wikitext)")
+        modules = {name: context.modules[name] for name in self.module_shapes}
+        moments = context.statistics.second_moments(context.model, context.tokenizer, modules)
+        for name, C in moments.items():
+            if self.hparams["preserve_weight"] > 0:
+                self.priors[name] = self.hparams["preserve_weight"] * C.float()
+            if self.hparams["nullspace_threshold"] is not None:
+                projector, self.projector_ranks[name] = nullspace_projector(
+                    name, C, self.hparams["nullspace_threshold"], self.hparams["threshold_kind"])
+                self.projectors[name] = projector.float()
+        self.statistics_info = context.statistics.describe()
+
+    def report(self) -> dict[str, Any]:
+        if not self.preserves_knowledge:
+            return {}
+        return {"statistics": self.statistics_info, **({"projector_rank": dict(self.projector_ranks)}
+                                                       if self.projector_ranks else {})}
 
     @torch.no_grad()
     def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
@@ -50,7 +94,10 @@ class RidgeEditor(HypernetEditor):
         if self.key_memory is not None:
             self.key_memory.propose(name, f.keys)
             memory = self.key_memory.gram.get(name)
-        return ridge_update(f.keys, coeffs[:, None] * grads_t, self.bank.log_lambda(name).exp(), memory=memory)
+        if self.preserves_knowledge and not self.statistics_info:
+            raise ConfigError("the ridge editor preserves knowledge from statistics: setup(context) must run first")
+        return ridge_update(f.keys, coeffs[:, None] * grads_t, self.bank.log_lambda(name).exp(), memory=memory,
+                            prior=self.priors.get(name), projector=self.projectors.get(name))
 
     def committed(self) -> None:
         if self.key_memory is not None:

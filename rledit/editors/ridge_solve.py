@@ -8,7 +8,11 @@ Non-finite inputs (or a system that overflows) refuse the edit at once: no jitte
 
 With a memory M of earlier edits' keys (a d_in x d_in Gram matrix) the regulariser becomes R = e^lambda I + M:
 the update then also keeps the outputs of the keys earlier edits wrote. Still rank N:
-S = R^-1 K^T (K R^-1 K^T + I)^-1 D, so P = (K R^-1 K^T + I)^-1 D and Q = K R^-1.
+S = R^-1 K^T (K R^-1 K^T + I)^-1 D, so P = (K R^-1 K^T + I)^-1 D and Q = K R^-1. A preserved-knowledge
+prior (MEMIT's weight x C over generic text) enters R the same way, keeping the outputs at generic keys.
+
+With AlphaEdit's null-space projector Pn the update is confined to dW = dW Pn: the solve sees the keys
+K Pn (and Pn M Pn, Pn prior Pn), and Q becomes Q Pn. Still rank N.
 """
 
 from __future__ import annotations
@@ -36,28 +40,38 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     raise torch.linalg.LinAlgError("ridge system is not positive definite even with jitter")
 
 
-def ridge_update(keys: torch.Tensor, value_shifts: torch.Tensor, ridge: torch.Tensor,
-                 form: str = "auto", memory: torch.Tensor | None = None) -> ModuleUpdate:
+def ridge_update(keys: torch.Tensor, value_shifts: torch.Tensor, ridge: torch.Tensor, form: str = "auto",
+                 memory: torch.Tensor | None = None, prior: torch.Tensor | None = None,
+                 projector: torch.Tensor | None = None) -> ModuleUpdate:
     """The factored update S^T for keys K (N x d_in), shifts D (N x d_out) and ridge e^lambda (a scalar).
 
-    form: "dual", "primal" or "auto" (dual when N < d_in); ignored when a key `memory` (d_in x d_in) is given.
+    `memory` (earlier edits' key Gram) and `prior` (preserved knowledge) are d_in x d_in terms of the
+    regulariser; `projector` confines the update to its range. form: "dual", "primal" or "auto" (dual when
+    N < d_in); ignored when the regulariser has a memory or prior term.
     """
+    optional = {"key memory": memory, "preserved-knowledge prior": prior, "null-space projector": projector}
     inputs = {"keys": keys, "value shifts": value_shifts, "ridge": ridge}
-    refuse_non_finite("ridge solve refused", inputs if memory is None else inputs | {"key memory": memory})
+    refuse_non_finite("ridge solve refused", inputs | {k: v for k, v in optional.items() if v is not None})
     dtype = torch.promote_types(keys.dtype, torch.float32)
     K, D = keys.to(dtype), value_shifts.to(dtype)
     n, d_in = K.shape
-    if memory is not None:
-        R = memory.to(dtype) + ridge * torch.eye(d_in, dtype=K.dtype, device=K.device)
+    terms = [t.to(dtype) for t in (memory, prior) if t is not None]
+    if projector is not None:
+        Pn = projector.to(dtype)
+        K, terms = K @ Pn, [Pn @ t @ Pn for t in terms]
+    if terms:
+        R = sum(terms) + ridge * torch.eye(d_in, dtype=K.dtype, device=K.device)
         Q = spd_solve(R, K.T).T
-        return ModuleUpdate(P=spd_solve(Q @ K.T + torch.eye(n, dtype=K.dtype, device=K.device), D), Q=Q)
-    if form == "auto":
-        form = "dual" if n < d_in else "primal"
-    if form == "dual":
-        A = K @ K.T + ridge * torch.eye(n, dtype=K.dtype, device=K.device)
-        return ModuleUpdate(P=spd_solve(A, D), Q=K)
-    if form == "primal":
-        eye = torch.eye(d_in, dtype=K.dtype, device=K.device)
-        S = spd_solve(K.T @ K + ridge * eye, K.T @ D)
-        return ModuleUpdate(P=S, Q=eye)
-    raise ValueError(f"ridge form {form!r}: expected 'dual', 'primal' or 'auto'")
+        update = ModuleUpdate(P=spd_solve(Q @ K.T + torch.eye(n, dtype=K.dtype, device=K.device), D), Q=Q)
+    else:
+        if form == "auto":
+            form = "dual" if n < d_in else "primal"
+        if form == "dual":
+            A = K @ K.T + ridge * torch.eye(n, dtype=K.dtype, device=K.device)
+            update = ModuleUpdate(P=spd_solve(A, D), Q=K)
+        elif form == "primal":
+            eye = torch.eye(d_in, dtype=K.dtype, device=K.device)
+            update = ModuleUpdate(P=spd_solve(K.T @ K + ridge * eye, K.T @ D), Q=eye)
+        else:
+            raise ValueError(f"ridge form {form!r}: expected 'dual', 'primal' or 'auto'")
+    return update if projector is None else ModuleUpdate(P=update.P, Q=update.Q @ Pn)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.atomic_write import partial_path
+from rledit.editors.base import EditContext
 from rledit.errors import ConfigError
 from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
 from rledit.training.module import FrozenTarget
@@ -27,6 +28,9 @@ def train(cfg: DictConfig) -> Path:
     if not editor.trainable:
         raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
                           f"python evaluate.py editor={cfg.editor.name}")
+    statistics = instantiate(cfg.stats)(records=experiment.data.train) if cfg.get("stats") else None
+    editor.setup(EditContext(experiment.model, experiment.loaded.tokenizer,
+                             {name: em.module for name, em in experiment.editable.items()}, statistics))
     objective: Objective = instantiate(cfg.editor.objective)
     training = cfg.training
     length = objective.sequence_length
