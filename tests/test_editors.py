@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from rledit.editors.finetune import FineTuneEditor
 from rledit.editors.mend import MendEditor
 from rledit.editors.ridge import RidgeEditor
 from rledit.editors.training_free import TrainingFreeEditor
-from rledit.errors import EditRefusedError
+from rledit.errors import DataError, EditRefusedError
 from rledit.evaluation.scoring import RequestScorer
 from rledit.models.layers import resolve_edit_modules
 from rledit.session import EditSession
@@ -83,3 +85,23 @@ def test_nan_in_the_editor_output_is_refused_and_the_model_is_untouched(edit_set
     assert len(session.ledger) == 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     session.revert()
+
+
+def test_subject_capture_reads_each_prompts_subject_token_and_needs_a_subject(edit_setup, small_edit_requests,
+                                                                              small_world_model):
+    model, editable, shapes, batch = edit_setup
+    editor = TrainingFreeEditor(shapes, capture_tokens="subject")
+    assert editor.needs_subject
+    modules = {name: em.module for name, em in editable.items()}
+    factors = editor.capture(model, modules, batch.edit)
+    seen = {}
+    name = next(iter(modules))
+    handle = modules[name].register_forward_hook(lambda _m, args, _out: seen.update(inputs=args[0]))
+    with torch.no_grad():
+        model(input_ids=batch.edit.input_ids, attention_mask=batch.edit.attention_mask)
+    handle.remove()
+    rows = torch.arange(batch.edit.num_rows)
+    torch.testing.assert_close(factors[name].keys, seen["inputs"][rows, batch.edit.subject_last])
+    no_subject = dataclasses.replace(small_edit_requests[0], subject="Nobody")
+    with pytest.raises(DataError, match=r"subject's last token, but the prompts of edit row\(s\) 0"):
+        editor.capture(model, modules, EditCollator(small_world_model.tokenizer)([no_subject]).edit)

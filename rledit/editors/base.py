@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from rledit.editing.update import FactoredUpdate
+from rledit.errors import DataError
 
 
 @dataclass
@@ -41,6 +42,14 @@ class Editor(nn.Module, ABC):
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]]):
         super().__init__()
         self.module_shapes = {name: tuple(shape) for name, shape in module_shapes.items()}
+
+    def check_subjects(self, batch) -> None:
+        """Refuse an edit batch (a TokenizedBatch) with a row whose prompt does not contain its subject."""
+        if batch.subject_last is None or bool((batch.subject_last < 0).any()):
+            rows = "all" if batch.subject_last is None else \
+                ", ".join(str(i) for i in (batch.subject_last < 0).nonzero().flatten().tolist())
+            raise DataError(f"{type(self).__name__} reads keys at the subject's last token, but the prompts of "
+                            f"edit row(s) {rows} of this batch do not contain their subject", field="subject")
 
     def setup(self, context: EditContext) -> None:
         """Called once with the experiment before any timed edit (statistics, prompts of its own)."""

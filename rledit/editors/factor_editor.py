@@ -15,11 +15,14 @@ from rledit.editors.base import Editor
 from rledit.errors import ConfigError
 from rledit.models.capture import CapturedFactors, capture_factors
 
-CAPTURE_TOKENS = ("target", "all")
+CAPTURE_TOKENS = ("target", "all", "subject")
 
 
 class FactorEditor(Editor):
     """Captures K and G of the edit loss on the current model and turns them into an update.
+
+    Where: at the target tokens (`target`, the hypernetwork papers), at every token (`all`), or at each
+    prompt's subject's last token (`subject`, where the locate-then-edit methods read their keys).
 
     Hypernetwork editors keep the graph from their parameters to the update's factors so that training can
     back-propagate into them.
@@ -30,10 +33,16 @@ class FactorEditor(Editor):
         if capture_tokens not in CAPTURE_TOKENS:
             raise ConfigError(f"editor option capture_tokens={capture_tokens!r}: expected one of {CAPTURE_TOKENS}")
         self.capture_tokens = capture_tokens
+        self.needs_subject = capture_tokens == "subject"
 
     def capture(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> dict[str, CapturedFactors]:
         """One forward/backward of the edit loss on `batch` (a TokenizedBatch), recording K and G."""
-        mask = batch.target_mask if self.capture_tokens == "target" else batch.attention_mask.bool()
+        if self.capture_tokens == "subject":
+            self.check_subjects(batch)
+            mask = torch.zeros_like(batch.target_mask)
+            mask[torch.arange(batch.num_rows, device=mask.device), batch.subject_last] = True
+        else:
+            mask = batch.target_mask if self.capture_tokens == "target" else batch.attention_mask.bool()
         with torch.enable_grad(), capture_factors(modules, mask) as captured:
             target_nll(forward_logits(model, batch), batch.labels).backward()
         return captured.factors

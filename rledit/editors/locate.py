@@ -107,7 +107,7 @@ class LocateEditor(Editor):
     def predict_update(self, model: nn.Module, modules: Mapping[str, nn.Module], batch: TokenizedBatch) -> FactoredUpdate:
         if not self.second_moments:
             raise ConfigError(f"{type(self).__name__}.setup(context) must run before the first edit")
-        _check_subjects(self, batch)
+        self.check_subjects(batch)
         n = batch.num_rows
         rows = self._prompt_rows(batch)
         kl_rows = self._kl_rows(batch)
@@ -253,14 +253,6 @@ def _block_of(module_name: str) -> str:
         raise ConfigError(f"locate-then-edit editors edit a block's MLP projection (like "
                           f"model.layers.7.mlp.down_proj); {module_name!r} is not inside a block")
     return ".".join(parts[:-2])
-
-
-def _check_subjects(editor: Editor, batch: TokenizedBatch) -> None:
-    if batch.subject_last is None or bool((batch.subject_last < 0).any()):
-        rows = "all" if batch.subject_last is None else \
-            ", ".join(str(i) for i in (batch.subject_last < 0).nonzero().flatten().tolist())
-        raise DataError(f"{type(editor).__name__} reads keys at the subject's last token, but the prompts of "
-                        f"edit row(s) {rows} of this batch do not contain their subject", field="subject")
 
 
 def _hidden(output: Any) -> torch.Tensor:
