@@ -9,6 +9,7 @@ from rledit.data.collate import EditCollator
 from rledit.data.loading import check_records, load_records
 from rledit.data.records import EditRecord
 from rledit.data.streams import split_records
+from rledit.data.synthetic.world_model import WorldModel
 from rledit.errors import ConfigError
 
 
@@ -22,16 +23,16 @@ class EditData:
     skipped: int = 0
 
 
-def synthetic_records(loaded, collator: EditCollator, eval_fraction: float = 0.5,
+def synthetic_records(loaded: WorldModel, collator: EditCollator, eval_fraction: float = 0.5,
                       locality_per_request: int = 3, seed: int = 0, heldout_sentences: int = 200) -> EditData:
     """Counterfactual requests on the synthetic world the model was pretrained on; subjects split train/eval.
 
     Every request is checked against `collator`: a max_length too short for the world's sentences fails here.
     """
-    world = getattr(loaded, "world", None)
-    if world is None:
+    if not isinstance(loaded, WorldModel):
         raise ConfigError("data=synthetic edits the synthetic world's own model: use model=tiny "
                           "(or a data set such as data=counterfact for other models)")
+    world = loaded.world
     split = world.split_subjects(eval_fraction=eval_fraction, seed=seed)
 
     def requests(subjects, request_seed):
