@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rledit.data.collate import EditCollator
 from rledit.data.loading import SkippedRecordWarning, load_records
 from rledit.data.records import EditRecord
+from rledit.data.sources import synthetic_records
 from rledit.errors import ConfigError, DataError
 from rledit.pipeline import build_experiment, row_length_limit
 from tests.test_collate import build_word_tokenizer
@@ -132,3 +133,9 @@ def test_an_unreadable_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", denied(real_read_text))
     with pytest.raises(DataError, match=rf"^file {locked}: cannot read: \[Errno 13\] Permission denied"):
         load_records(locked)
+
+
+def test_synthetic_data_on_another_model_says_which_model_and_data_fit():
+    tokenizer = build_word_tokenizer(["a b c"])
+    with pytest.raises(ConfigError, match="data=synthetic edits the synthetic world's own model: use model=tiny"):
+        synthetic_records(object(), EditCollator(tokenizer))
