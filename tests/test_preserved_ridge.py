@@ -88,6 +88,15 @@ def test_a_heavier_prior_moves_generic_outputs_less_and_the_edited_ones_less_too
     assert edited[0] < edited[1] < edited[2]  # the trade: edits fit less well under a heavier prior
 
 
+def test_the_energy_threshold_keeps_the_directions_that_hold_that_share_of_the_trace():
+    values = torch.tensor([1e4, 10.0, 5.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)  # one outlier dimension
+    C = torch.diag(values)
+    _, relative = nullspace_projector("m", C, 1e-2, "relative")  # everything below 100: 7 of 8 directions
+    projector, energy = nullspace_projector("m", C, 0.85 / values.sum(), "energy")  # 0.1 + 0.2 + 0.5 <= 0.85
+    assert (relative, energy) == (7, 3)
+    torch.testing.assert_close(projector, torch.diag(torch.tensor([0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.float64)))
+
+
 def test_an_empty_null_space_is_an_error_naming_the_module():
     with pytest.raises(ConfigError, match="null space of module 'layer.7' is empty"):
         nullspace_projector("layer.7", torch.eye(4, dtype=torch.float64), 1e-2)
