@@ -144,3 +144,19 @@ def test_the_prior_needs_statistics(small_world_model):
                                  {name: em.module for name, em in editable.items()}, None))
     with pytest.raises(ConfigError, match="preserve_weight=-1.0 must be >= 0"):
         TrainingFreeEditor({"m": (2, 3)}, preserve_weight=-1.0)
+
+
+def test_the_ridge_is_calibrated_on_the_keys_the_solve_sees(small_world_model, small_edit_requests, statistics):
+    with cpu_threads(1):
+        projected, editable = set_up(small_world_model, statistics, nullspace_threshold=1e-2, threshold_kind="energy")
+        plain, _ = set_up(small_world_model, statistics)
+        batch = EditCollator(small_world_model.tokenizer)(small_edit_requests[:10]).edit
+        modules = {name: em.module for name, em in editable.items()}
+        factors = plain.capture(small_world_model.model, modules, batch)
+        plain.update_from_factors(factors)
+        projected.update_from_factors(factors)
+    for name, f in factors.items():
+        ratio = float(projected.bank.log_lambda(name).exp() / plain.bank.log_lambda(name).exp())
+        expected = float((f.keys @ projected.projectors[name]).pow(2).sum(-1).mean() / f.keys.pow(2).sum(-1).mean())
+        assert ratio == pytest.approx(expected, rel=1e-4)
+        assert ratio < 0.5  # the null space of preserved text holds little of an edit key's norm

@@ -79,10 +79,11 @@ class RidgeEditor(HypernetEditor):
 
     @torch.no_grad()
     def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
-        """Also set e^lambda to `init_ridge` times the mean squared key norm (refused if that is not a
-        positive finite number, like the step size)."""
+        """Also set e^lambda to `init_ridge` times the mean squared norm of the keys the solve sees (projected,
+        under a null-space projector), refused if that is not a positive finite number, like the step size."""
         super()._calibrate(name, f, keys_t, grads_t)
-        ridge = float(self.hparams["init_ridge"] * f.keys.pow(2).sum(-1).mean())
+        keys = f.keys if name not in self.projectors else f.keys.float() @ self.projectors[name]
+        ridge = float(self.hparams["init_ridge"] * keys.pow(2).sum(-1).mean())
         if not 0.0 < ridge < math.inf:
             raise EditRefusedError(f"module '{name}': ridge calibration refused: e^lambda came out {ridge} "
                                    f"(init_ridge {self.hparams['init_ridge']})")
