@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phases
 from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
+from nullspace_capacity import capacity
 
 from rledit.data.collate import IGNORE_INDEX
 
@@ -92,3 +93,13 @@ def test_gpu_script_runs_at_small_size_on_cpu():
     ratio = re.search(r"edit step / floor = \*\*([0-9.]+)x\*\*", done.stdout)
     assert ratio and float(ratio.group(1)) > 0, done.stdout
     assert re.search(r"\| fused kernel \(torch\), 256x896, N=8 \| [0-9.]+ ms", done.stdout), done.stdout
+
+
+def test_null_space_capacity_counts_what_new_keys_add_to_the_earlier_ones():
+    fresh = torch.eye(6, dtype=torch.float64)  # every key a new direction
+    assert [(n, round(share, 6), rank) for n, share, rank in capacity(fresh, 2)] == [(2, 1.0, 2), (4, 1.0, 4),
+                                                                                      (6, 1.0, 6)]
+    repeated = torch.cat([fresh[:2], fresh[:2] * 3.0, (fresh[0] + fresh[2])[None], fresh[3:4]])
+    rows = capacity(repeated, 2)
+    assert rows[1][1] == pytest.approx(0.0, abs=1e-9) and rows[1][2] == 2  # the same two directions again
+    assert rows[2][1] == pytest.approx((0.5 ** 0.5 + 1.0) / 2)  # of e0 + e2 only e2 is new (1/sqrt 2 of its norm), all of e3
