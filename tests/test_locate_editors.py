@@ -106,7 +106,7 @@ def test_alphaedit_refuses_an_empty_null_space_naming_the_module():
     with pytest.raises(ConfigError, match="null space of module 'h.0.mlp.proj' is empty"):
         bare_editor(AlphaEditEditor, C, nullspace_threshold=1e-9, threshold_kind="absolute")
     with pytest.raises(ConfigError, match="threshold_kind"):
-        AlphaEditEditor({M: (D_OUT, D_IN)}, threshold_kind="energy")
+        AlphaEditEditor({M: (D_OUT, D_IN)}, threshold_kind="entropy")
 
 
 def test_rome_edits_exactly_one_module():
