@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phases
 from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
+from key_overlap import kept_share, nearest_cosine
 from nullspace_capacity import capacity
 
 from rledit.data.collate import IGNORE_INDEX
@@ -103,3 +104,13 @@ def test_null_space_capacity_counts_what_new_keys_add_to_the_earlier_ones():
     rows = capacity(repeated, 2)
     assert rows[1][1] == pytest.approx(0.0, abs=1e-9) and rows[1][2] == 2  # the same two directions again
     assert rows[2][1] == pytest.approx((0.5 ** 0.5 + 1.0) / 2)  # of e0 + e2 only e2 is new (1/sqrt 2 of its norm), all of e3
+
+
+def test_key_overlap_compares_each_key_with_its_own_requests_keys_only():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    queries = torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+    # query 0 belongs to request 0 (key e0: cos 1/sqrt 2), query 1 to request 1 (key e1: cos 1)
+    assert nearest_cosine(queries, torch.tensor([0, 1]), keys, torch.tensor([0, 1])) == pytest.approx(
+        (0.5 ** 0.5 + 1.0) / 2)
+    assert kept_share(queries, torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))) == pytest.approx(
+        (0.5 ** 0.5 + 0.0) / 2)
