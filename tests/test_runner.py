@@ -84,9 +84,11 @@ def test_final_curve_and_immediate_timings_agree_where_they_measure_the_same_thi
     assert final.num_requests == 15 and final.refused_edits == 0
     assert final.peak_memory_bytes > 0 and final.peak_memory_source == "process_peak_rss"
     # the pretrained model knows the true facts (on any CPU: the fixture trains until it does), and the
-    # editor moves it towards the new ones by a margin that rounding cannot erase
+    # editor moves it towards the new ones by a margin that rounding cannot erase. (Not token efficacy:
+    # the new objects' first words are words the model already predicts, and with 15 requests that count
+    # stayed at 0.333 under torch's portable kernels on an Intel Xeon while the comparisons below moved.)
     assert final.pre_edit["specificity"] > 0.9 and final.pre_edit["cf_efficacy_score"] < 0.2
-    assert final.metrics["efficacy"] > final.pre_edit["efficacy"]
+    assert final.metrics["generation_exact_match"] >= final.pre_edit["generation_exact_match"] + 0.1
     assert final.metrics["cf_efficacy_score"] >= final.pre_edit["cf_efficacy_score"] + 0.3
     assert 0.0 <= final.metrics["specificity_agreement"] < 1.0
     # the final protocol's plot shows its two measurements as bars, the curve's as lines over the edits
