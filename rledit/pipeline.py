@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.collate import EditCollator
 from rledit.data.sources import EditData
-from rledit.editors.base import Editor
+from rledit.editors.base import EditContext, Editor
 from rledit.errors import ConfigError, DataError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 
@@ -84,6 +84,14 @@ def row_length_limit(max_length: int | None, model: torch.nn.Module) -> int | No
 def build_editor(cfg: DictConfig, experiment: Experiment) -> Editor:
     editor = instantiate(cfg.editor.build)(module_shapes=experiment.module_shapes)
     return editor.to(next(experiment.model.parameters()).device)
+
+
+def set_up_editor(cfg: DictConfig, experiment: Experiment, editor: Editor) -> None:
+    """Give the editor the experiment before any edit: model, tokenizer, edited modules and the configured
+    preserved-knowledge statistics (computed only if the editor asks for them)."""
+    statistics = instantiate(cfg.stats)(records=experiment.data.train) if cfg.get("stats") else None
+    editor.setup(EditContext(experiment.model, experiment.loaded.tokenizer,
+                             {name: em.module for name, em in experiment.editable.items()}, statistics))
 
 
 def editor_checkpoint(editor: Editor, cfg: DictConfig) -> dict:

@@ -8,8 +8,7 @@ import torch
 
 from rledit.editing.update import ModuleUpdate
 from rledit.editors.locate import LocateEditor
-from rledit.editors.nullspace import THRESHOLD_KINDS, nullspace_projector
-from rledit.errors import ConfigError
+from rledit.editors.nullspace import check_threshold_kind, nullspace_projector
 
 
 class AlphaEditEditor(LocateEditor):
@@ -23,8 +22,7 @@ class AlphaEditEditor(LocateEditor):
 
     def __init__(self, module_shapes, nullspace_threshold: float = 1e-2, threshold_kind: str = "relative",
                  ridge: float = 1.0, edit_memory: float = 1.0, **options):
-        if threshold_kind not in THRESHOLD_KINDS:
-            raise ConfigError(f"alphaedit threshold_kind={threshold_kind!r}: expected one of {THRESHOLD_KINDS}")
+        check_threshold_kind(threshold_kind, "alphaedit threshold_kind")
         super().__init__(module_shapes, edit_memory=edit_memory, **options)
         self.options.update(nullspace_threshold=nullspace_threshold, threshold_kind=threshold_kind, ridge=ridge)
         self.projectors: dict[str, torch.Tensor] = {}

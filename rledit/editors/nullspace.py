@@ -15,14 +15,19 @@ from rledit.errors import ConfigError
 THRESHOLD_KINDS = ("relative", "absolute", "energy")
 
 
+def check_threshold_kind(kind: str, option: str) -> None:
+    """A ConfigError naming `option` unless `kind` is a threshold kind."""
+    if kind not in THRESHOLD_KINDS:
+        raise ConfigError(f"{option}={kind!r}: expected one of {THRESHOLD_KINDS}")
+
+
 def nullspace_projector(name: str, C: torch.Tensor, threshold: float, kind: str = "relative") -> tuple[torch.Tensor, int]:
     """P = U0 U0^T (fp64) over the eigenvectors of C whose eigenvalues are below `threshold` (`relative`:
     times the largest eigenvalue, which no change of activation scale can empty; `absolute`: as given, the
     published code's 1e-2; `energy`: the smallest eigenvalues that together hold at most `threshold` of
     the trace, which a few outlier dimensions cannot inflate), and its rank. An empty projector is a
     ConfigError naming module `name`; one that keeps every direction protects nothing, which is warned about."""
-    if kind not in THRESHOLD_KINDS:
-        raise ConfigError(f"null-space threshold kind {kind!r}: expected one of {THRESHOLD_KINDS}")
+    check_threshold_kind(kind, "null-space threshold kind")
     values, vectors = torch.linalg.eigh(C.double())
     if kind == "energy":
         kept = vectors[:, torch.cumsum(values.clamp_min(0), 0) <= threshold * values.clamp_min(0).sum()]

@@ -12,7 +12,7 @@ from rledit.editing.update import ModuleUpdate
 from rledit.editors.base import EditContext
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.editors.key_memory import KeyMemory
-from rledit.editors.nullspace import THRESHOLD_KINDS, nullspace_projector
+from rledit.editors.nullspace import check_threshold_kind, nullspace_projector
 from rledit.editors.ridge_solve import ridge_update
 from rledit.errors import ConfigError, EditRefusedError
 from rledit.models.capture import CapturedFactors
@@ -37,11 +37,10 @@ class RidgeEditor(HypernetEditor):
                  nullspace_threshold: float | None = None, threshold_kind: str = "relative"):
         super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
                          norm_per_sequence)
-        if preserve_weight < 0 or (nullspace_threshold is not None and nullspace_threshold <= 0) \
-                or threshold_kind not in THRESHOLD_KINDS:
-            raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0, nullspace_threshold="
-                              f"{nullspace_threshold} > 0 or null, threshold_kind={threshold_kind!r} one of "
-                              f"{THRESHOLD_KINDS}")
+        if preserve_weight < 0 or (nullspace_threshold is not None and nullspace_threshold <= 0):
+            raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0 and "
+                              f"nullspace_threshold={nullspace_threshold} > 0 or null")
+        check_threshold_kind(threshold_kind, "ridge editor threshold_kind")
         self.hparams.update(init_ridge=init_ridge, edit_memory=edit_memory, preserve_weight=preserve_weight,
                             nullspace_threshold=nullspace_threshold, threshold_kind=threshold_kind)
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
@@ -95,7 +94,7 @@ class RidgeEditor(HypernetEditor):
         if self.key_memory is not None:
             self.key_memory.propose(name, f.keys)
             memory = self.key_memory.gram.get(name)
-        if self.preserves_knowledge and not self.statistics_info:
+        if self.preserves_knowledge and not (self.priors or self.projectors):
             raise ConfigError("the ridge editor preserves knowledge from statistics: setup(context) must run first")
         return ridge_update(f.keys, coeffs[:, None] * grads_t, self.bank.log_lambda(name).exp(), memory=memory,
                             prior=self.priors.get(name), projector=self.projectors.get(name))

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.collate import TokenizedBatch
-from rledit.editors.base import EditContext, Editor
+from rledit.editors.base import Editor
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import PLOT_FILE, plot_run
 from rledit.evaluation.report import format_table, results_document, write_per_step_csv, write_results
@@ -25,6 +25,7 @@ from rledit.pipeline import (
     checkpoint_editor_class,
     load_editor_checkpoint,
     require_subjects,
+    set_up_editor,
 )
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
@@ -48,9 +49,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     experiment = build_experiment(cfg)
     editor, editor_info = _editor(cfg, experiment)
     require_subjects(experiment.data.eval, editor)
-    statistics = instantiate(cfg.stats)(records=experiment.data.train) if cfg.get("stats") else None
-    editor.setup(EditContext(experiment.model, experiment.loaded.tokenizer,
-                             {name: em.module for name, em in experiment.editable.items()}, statistics))
+    set_up_editor(cfg, experiment, editor)
     editor_info.update(editor.report())
     session = EditSession(experiment.model, experiment.editable, editor)
     scorer = RequestScorer(experiment.model, protocol.eval_batch_size, experiment.collator,

@@ -12,9 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.atomic_write import partial_path
-from rledit.editors.base import EditContext
 from rledit.errors import ConfigError
-from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
+from rledit.pipeline import build_editor, build_experiment, editor_checkpoint, set_up_editor
 from rledit.training.module import FrozenTarget
 from rledit.training.rollout import Objective
 
@@ -28,9 +27,7 @@ def train(cfg: DictConfig) -> Path:
     if not editor.trainable:
         raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
                           f"python evaluate.py editor={cfg.editor.name}")
-    statistics = instantiate(cfg.stats)(records=experiment.data.train) if cfg.get("stats") else None
-    editor.setup(EditContext(experiment.model, experiment.loaded.tokenizer,
-                             {name: em.module for name, em in experiment.editable.items()}, statistics))
+    set_up_editor(cfg, experiment, editor)
     objective: Objective = instantiate(cfg.editor.objective)
     training = cfg.training
     length = objective.sequence_length
