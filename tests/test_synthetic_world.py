@@ -9,6 +9,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from rledit.data.collate import EditCollator
+from rledit.data.sources import synthetic_records
 from rledit.data.synthetic import (
     WorldModel,
     build_tokenizer,
@@ -129,6 +131,20 @@ def test_training_and_evaluation_subjects_are_disjoint(world: World):
     assert len(split.eval) == 15
 
 
+def test_two_word_subjects_are_unique_pairs_of_recurring_words():
+    world = build_world({"seed": 7, "num_subjects": 60, "objects_per_relation": 10, "subject_words": 2})
+    tokenizer = build_tokenizer(world)
+    assert len(set(world.subjects)) == 60
+    words = [subject.split() for subject in world.subjects]
+    assert all(len(pair) == 2 for pair in words)
+    for position in (0, 1):
+        counts = [sum(pair[position] == w for pair in words) for w in {pair[position] for pair in words}]
+        assert max(counts) > 1 and sum(counts) / len(counts) > 2  # a word alone does not name a subject
+    request = world.edit_requests(world.subjects[:1])[0]
+    subject_ids = tokenizer(request.subject, add_special_tokens=False)["input_ids"]
+    assert len(subject_ids) == 2 and tokenizer.unk_token_id not in subject_ids
+
+
 def test_heldout_sentences_use_heldout_templates_and_only_trained_words(world: World,
                                                                         tokenizer: PreTrainedTokenizerFast):
     sentences = world.heldout_sentences(50, seed=0)
@@ -152,6 +168,7 @@ def test_world_survives_its_json(world: World, tmp_path):
     ({"num_subjects": 2}, "num_subjects"),
     ({"objects_per_relation": 1}, "objects_per_relation"),
     ({"subjects": 10}, "unknown world option"),
+    ({"subject_words": 3}, "subject_words"),
 ])
 def test_bad_world_config_is_refused(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -242,6 +259,17 @@ def test_edits_of_the_small_world_start_unlearned(small_world_model: WorldModel,
 def test_small_training_and_evaluation_requests_edit_disjoint_subjects(small_edit_requests,
                                                                        small_training_requests):
     assert not {r.subject for r in small_edit_requests} & {r.subject for r in small_training_requests}
+
+
+def test_validation_split_holds_out_training_subjects_only(small_world_model: WorldModel, small_edit_requests):
+    collator = EditCollator(small_world_model.tokenizer)
+    validation = synthetic_records(small_world_model, collator, validation_fraction=0.25)
+    default = synthetic_records(small_world_model, collator)
+    train, held_out = ({r.subject for r in records} for records in (validation.train, validation.eval))
+    assert not train & held_out
+    assert train | held_out == {r.subject for r in default.train}
+    assert len(held_out) == 5  # a quarter of the 20 training subjects
+    assert not held_out & {r.subject for r in small_edit_requests}
 
 
 def test_second_load_reuses_the_cache_without_training(small_world_model: WorldModel, monkeypatch):

@@ -9,6 +9,7 @@ from rledit.data.collate import EditCollator
 from rledit.data.loading import check_records, load_records
 from rledit.data.records import EditRecord
 from rledit.data.streams import split_records
+from rledit.data.synthetic.world import split_subjects
 from rledit.data.synthetic.world_model import WorldModel
 from rledit.errors import ConfigError
 
@@ -24,9 +25,12 @@ class EditData:
 
 
 def synthetic_records(loaded: WorldModel, collator: EditCollator, eval_fraction: float = 0.5,
-                      locality_per_request: int = 3, seed: int = 0, heldout_sentences: int = 200) -> EditData:
+                      locality_per_request: int = 3, seed: int = 0, heldout_sentences: int = 200,
+                      validation_fraction: float | None = None) -> EditData:
     """Counterfactual requests on the synthetic world the model was pretrained on; subjects split train/eval.
 
+    `validation_fraction` evaluates on that share of the *training* subjects instead (and trains on the rest),
+    so settings can be chosen without looking at the evaluation subjects.
     Every request is checked against `collator`: a max_length too short for the world's sentences fails here.
     """
     if not isinstance(loaded, WorldModel):
@@ -34,6 +38,8 @@ def synthetic_records(loaded: WorldModel, collator: EditCollator, eval_fraction:
                           "(or a data set such as data=counterfact for other models)")
     world = loaded.world
     split = world.split_subjects(eval_fraction=eval_fraction, seed=seed)
+    if validation_fraction is not None:
+        split = split_subjects(split.train, validation_fraction, seed)
 
     def requests(subjects, request_seed):
         # Locality prompts ask true facts of the other side's subjects: those are never edited by this

@@ -7,6 +7,7 @@ and a model pretrained on it knows them, so edits on it are measurable on any ma
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,8 +33,12 @@ class WorldConfig:
     seed: int = 0
     num_subjects: int = 300
     objects_per_relation: int = 16
+    subject_words: int = 1       # 2: "Given Family" names whose words each recur in several subjects, so a model
+                                 # must compose the subject from both (as real models do over subword tokens)
 
     def __post_init__(self):
+        if self.subject_words not in (1, 2):
+            raise ConfigError(f"world.subject_words must be 1 or 2, got {self.subject_words}")
         if self.num_subjects < 3:
             raise ConfigError(f"world.num_subjects must be >= 3 (edits need other subjects for "
                               f"locality prompts), got {self.num_subjects}")
@@ -56,6 +61,17 @@ class SubjectSplit:
 
     train: tuple[str, ...]
     eval: tuple[str, ...]
+
+
+def split_subjects(subjects: Sequence[str], eval_fraction: float, seed: int) -> SubjectSplit:
+    """A seeded split of `subjects` into disjoint training and evaluation sets (the given share evaluates)."""
+    num_eval = round(len(subjects) * eval_fraction)
+    if not 0 < num_eval < len(subjects):
+        raise ConfigError(f"a fraction of {eval_fraction} leaves no subjects on one side of the split "
+                          f"of {len(subjects)} subjects")
+    shuffled = list(subjects)
+    random.Random(f"split-subjects-{seed}").shuffle(shuffled)
+    return SubjectSplit(train=tuple(shuffled[num_eval:]), eval=tuple(shuffled[:num_eval]))
 
 
 @dataclass(frozen=True)
@@ -108,13 +124,7 @@ class World:
 
     def split_subjects(self, eval_fraction: float = 0.5, seed: int = 0) -> SubjectSplit:
         """A seeded split of the subjects into disjoint training and evaluation sets."""
-        num_eval = round(len(self.subjects) * eval_fraction)
-        if not 0 < num_eval < len(self.subjects):
-            raise ConfigError(f"eval_fraction={eval_fraction} leaves no subjects on one side of the split "
-                              f"of {len(self.subjects)} subjects")
-        shuffled = list(self.subjects)
-        random.Random(f"split-subjects-{seed}").shuffle(shuffled)
-        return SubjectSplit(train=tuple(shuffled[num_eval:]), eval=tuple(shuffled[:num_eval]))
+        return split_subjects(self.subjects, eval_fraction, seed)
 
     def edit_requests(self, subjects: Sequence[str], seed: int = 0, locality_per_request: int = 3,
                       locality_subjects: Sequence[str] | None = None) -> list[EditRecord]:
@@ -180,13 +190,23 @@ def build_world(config: WorldConfig | Mapping[str, Any] | None = None) -> World:
     config = as_world_config(config)
     rng = random.Random(f"rledit-world-{config.seed}")
     names = NameGenerator(rng, reserved=fixed_words())
-    subjects = names.draw("person", config.num_subjects)
+    subjects = _draw_subjects(names, rng, config)
     objects = {relation.name: pool.draw(config.objects_per_relation, rng, names)
                for relation, pool in RELATIONS}
     facts = tuple(Fact(subject, relation.name, rng.choice(objects[relation.name]))
                   for subject in subjects for relation, _ in RELATIONS)
     return World(config=config, subjects=subjects, relations=tuple(r for r, _ in RELATIONS),
                  objects=objects, facts=facts)
+
+
+def _draw_subjects(names: NameGenerator, rng: random.Random, config: WorldConfig) -> tuple[str, ...]:
+    if config.subject_words == 1:
+        return names.draw("person", config.num_subjects)
+    # Pools of about 2 sqrt(N) words each: every given and family name recurs in several subjects.
+    pool_size = math.ceil(2 * math.sqrt(config.num_subjects))
+    given, family = names.draw("person", pool_size), names.draw("person", pool_size)
+    pairs = rng.sample([(g, f) for g in given for f in family], config.num_subjects)
+    return tuple(f"{g} {f}" for g, f in pairs)
 
 
 def as_world_config(config: WorldConfig | Mapping[str, Any] | None) -> WorldConfig:
