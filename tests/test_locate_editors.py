@@ -3,6 +3,8 @@ request at a time, exact revert, refusals, and the subject they need."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from rledit.editing.losses import logits_at
 from rledit.editors.alphaedit import AlphaEditEditor
 from rledit.editors.base import EditContext
 from rledit.editors.emmet import EmmetEditor
-from rledit.editors.locate import _reading, _SuffixPass, _writing
+from rledit.editors.locate import _hidden, _reading, _SuffixPass
 from rledit.editors.memit import MemitEditor
 from rledit.editors.rome import RomeEditor
 from rledit.errors import ConfigError, DataError, EditRefusedError
@@ -136,11 +138,10 @@ def test_target_values_are_optimised_for_all_requests_at_once_as_if_one_at_a_tim
         small_world_model, small_edit_requests, statistics):
     editor, _ = set_up(MemitEditor, small_world_model, statistics, z_steps=8, early_stop_nll=2.0)
     model = small_world_model.model
-    block = model.get_submodule(editor.z_block)
     requests = small_edit_requests[:3]
 
     def values(batch):
-        return editor._target_values(model, block, editor._prompt_rows(batch), editor._kl_rows(batch),
+        return editor._target_values(model, editor._prompt_rows(batch), editor._kl_rows(batch),
                                      batch.num_rows)
 
     together = values(edit_batch(small_world_model, requests))
@@ -148,12 +149,32 @@ def test_target_values_are_optimised_for_all_requests_at_once_as_if_one_at_a_tim
     assert torch.allclose(together, alone, atol=1e-4)
 
 
-def test_suffix_pass_gives_the_logits_of_whole_rows(small_world_model, small_edit_requests, statistics):
-    """Running only the tokens from the subject's last one on, on the cached rest, gives the logits a whole
-    forward pass gives with the same delta written at the subject; for any subset of the rows, and for a
-    row whose subject's last token comes first."""
-    editor, _ = set_up(MemitEditor, small_world_model, statistics, num_prefixes=2)
+@contextmanager
+def _writing(block, delta, requests, positions):
+    """The reference: adds delta[request of row] to the block's output at each row's subject position."""
+    rows = torch.arange(len(requests))
+
+    def hook(module, args, output):
+        hidden = _hidden(output)
+        shifted = hidden.index_put((rows, positions), delta[requests].to(hidden.dtype), accumulate=True)
+        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("spec", [ONE_LAYER, TWO_LAYERS])
+def test_suffix_pass_gives_the_logits_of_whole_rows(small_world_model, small_edit_requests, statistics, spec):
+    """Running only the tokens from the subject's last one on, on the cached rest and only through the blocks
+    above the one delta is written to, gives the logits a whole forward pass gives with the same delta
+    written at the subject; for any subset of the rows, and for a row whose subject's last token comes first.
+    The model's blocks are back in place afterwards."""
+    editor, _ = set_up(MemitEditor, small_world_model, statistics, spec, num_prefixes=2)
     model = small_world_model.model
+    blocks = list(model.model.layers)
     block = model.get_submodule(editor.z_block)
     batch = edit_batch(small_world_model, small_edit_requests[:4])
     rows = TokenizedBatch.concat([editor._prompt_rows(batch), editor._kl_rows(batch)])
@@ -163,13 +184,18 @@ def test_suffix_pass_gives_the_logits_of_whole_rows(small_world_model, small_edi
     scored = rows.target_mask.clone()
     scored[torch.arange(rows.num_rows), rows.attention_mask.sum(-1) - 1] = True
     delta = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    suffixes = _SuffixPass(model, rows, scored)
+    suffixes = _SuffixPass(model, editor.z_block, rows, scored)
+    with torch.no_grad(), _reading(block, torch.arange(rows.num_rows), rows.subject_last) as read:
+        unedited = logits_at(model, rows.input_ids, rows.attention_mask, scored)
+    torch.testing.assert_close(suffixes.logits, unedited, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(suffixes.subject_output, read[0], rtol=1e-5, atol=1e-5)
     for keep in (torch.ones(rows.num_rows, dtype=torch.bool), torch.arange(rows.num_rows) % 3 != 1):
         with torch.no_grad(), _writing(block, delta, rows.request_index[keep], rows.subject_last[keep]):
             whole = logits_at(model, rows.input_ids[keep], rows.attention_mask[keep], scored[keep])
         with torch.no_grad():
-            _, part = suffixes.run(block, delta, keep)
+            part = suffixes.run(delta, keep)
         torch.testing.assert_close(part, whole, rtol=1e-4, atol=1e-4)
+    assert list(model.model.layers) == blocks
 
 
 def test_target_values_make_the_new_targets_likelier(small_world_model, small_edit_requests, statistics):
@@ -178,7 +204,7 @@ def test_target_values_make_the_new_targets_likelier(small_world_model, small_ed
     batch = edit_batch(small_world_model, small_edit_requests[:8])
     rows = editor._prompt_rows(batch)
     block = model.get_submodule(editor.z_block)
-    z = editor._target_values(model, block, rows, editor._kl_rows(batch), batch.num_rows)
+    z = editor._target_values(model, rows, editor._kl_rows(batch), batch.num_rows)
     with torch.no_grad(), _reading(block, torch.arange(8), rows.subject_last) as read:
         model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
     targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
@@ -200,7 +226,7 @@ def test_the_last_module_writes_the_target_value_exactly_when_the_prior_is_weak(
     batch = edit_batch(small_world_model, small_edit_requests[:6])
     rows = editor._prompt_rows(batch)
     block = model.get_submodule(editor.z_block)
-    z = editor._target_values(model, block, rows, editor._kl_rows(batch), 6)
+    z = editor._target_values(model, rows, editor._kl_rows(batch), 6)
     update = editor.predict_update(model, modules, batch)
     with functional_update(modules, update):
         _, after = editor._keys_and_outputs(model, modules[ONE_LAYER], block, rows, 6)

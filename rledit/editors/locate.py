@@ -18,7 +18,6 @@ keys committed earlier in the sequence (AlphaEdit's cache, sequential MEMIT), re
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 from abc import abstractmethod
@@ -112,7 +111,7 @@ class LocateEditor(Editor):
         rows = self._prompt_rows(batch)
         kl_rows = self._kl_rows(batch)
         block = model.get_submodule(self.z_block)
-        z = self._target_values(model, block, rows, kl_rows, n)
+        z = self._target_values(model, rows, kl_rows, n)
         update: FactoredUpdate = {}
         names = list(self.module_shapes)
         for i, name in enumerate(names):
@@ -172,8 +171,7 @@ class LocateEditor(Editor):
 
     # --- step 1: target values -------------------------------------------------------------------------
 
-    def _target_values(self, model: nn.Module, block: nn.Module, rows: TokenizedBatch, kl_rows: TokenizedBatch,
-                       n: int) -> torch.Tensor:
+    def _target_values(self, model: nn.Module, rows: TokenizedBatch, kl_rows: TokenizedBatch, n: int) -> torch.Tensor:
         """z = h + delta for every request; a request stops (its rows leave the batch, its delta is frozen) once
         its target NLL is below `early_stop_nll`, as it would optimised alone."""
         o = self.options
@@ -181,11 +179,10 @@ class LocateEditor(Editor):
         is_kl = torch.arange(both.num_rows, device=both.input_ids.device) >= rows.num_rows
         scored = both.target_mask.clone()
         scored[is_kl.nonzero().flatten(), both.attention_mask[is_kl].sum(-1) - 1] = True  # KL: after the last token
-        suffixes = _SuffixPass(model, both, scored)
+        suffixes = _SuffixPass(model, self.z_block, both, scored)
         bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=both.input_ids.device)
-        with torch.no_grad():
-            h, logits = suffixes.run(block, None, torch.ones(both.num_rows, dtype=torch.bool), read_rows=bare)
-            kl_reference = logits[suffixes.token_row(is_kl)].float().log_softmax(-1)
+        h = suffixes.subject_output[bare]
+        kl_reference = suffixes.logits[suffixes.token_row(is_kl)].float().log_softmax(-1)
         h_norm = h.norm(dim=-1)
         delta = torch.zeros_like(h, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=o["z_lr"])
@@ -195,7 +192,7 @@ class LocateEditor(Editor):
         with torch.enable_grad():
             for _ in range(o["z_steps"]):
                 keep = active[both.request_index]
-                _, logits = suffixes.run(block, delta, keep)
+                logits = suffixes.run(delta, keep)
                 prompt = (keep & ~is_kl)[target_rows]
                 nll = _request_nll(logits[suffixes.token_row(keep & ~is_kl, within=keep)], targets[prompt],
                                    target_rows[prompt], both, n, 1 + len(self.prefixes))
@@ -265,35 +262,19 @@ class _Read(Exception):
 
 @contextmanager
 def _reading(block: nn.Module, rows: torch.Tensor, positions: torch.Tensor, stop: bool = False):
-    """Collects the block's output at (rows, positions) of the next forward pass (and ends that pass there,
-    raising _Read, when `stop`)."""
-    read: list[torch.Tensor] = []
+    """Collects the block's output at (rows, positions) of the next forward pass, then the rest of its output
+    tuple (None if it returns a tensor), and ends that pass there, raising _Read, when `stop`."""
+    read: list[Any] = []
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        read.append(_hidden(output)[rows, positions].detach())
+        read.extend([_hidden(output)[rows, positions].detach(),
+                     tuple(output[1:]) if isinstance(output, tuple) else None])
         if stop:
             raise _Read
 
     handle = block.register_forward_hook(hook)
     try:
         yield read
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _writing(block: nn.Module, delta: torch.Tensor, requests: torch.Tensor, positions: torch.Tensor):
-    """Adds delta[request of row] to the block's output at each row's subject position."""
-    rows = torch.arange(len(requests), device=requests.device)
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        hidden = _hidden(output)
-        shifted = hidden.index_put((rows, positions), delta[requests].to(hidden.dtype), accumulate=True)
-        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
     finally:
         handle.remove()
 
@@ -311,14 +292,18 @@ def _padded(ids: list[list[int]], labels: list[list[int]], requests: list[int], 
 
 class _SuffixPass:
     """Rows split at the subject's last token, where delta is written: nothing before it depends on delta, so
-    the keys and values of that part are computed once, and every optimisation step runs only the tokens
-    from the subject's last one on (a few per row instead of the whole prefix + prompt + target).
+    the keys and values of that part are computed once, and so is the output of every block up to the one
+    delta is added to. Each optimisation step then runs only the tokens from the subject's last one on, and
+    only through the blocks above (`_replaying`), in groups of rows of one length (no padding).
 
-    `scored` (B x T bool, row coordinates) marks the positions whose logits `run` returns, row-major.
+    `scored` (B x T bool, row coordinates) marks the positions whose logits `run` returns, row-major;
+    `subject_output` (B x d) and `logits` are the block's output at each subject and those logits, unedited.
     """
 
-    def __init__(self, model: nn.Module, rows: TokenizedBatch, scored: torch.Tensor):
+    def __init__(self, model: nn.Module, block_name: str, rows: TokenizedBatch, scored: torch.Tensor):
         self.model, device = model, rows.input_ids.device
+        layers_name, index = block_name.rsplit(".", 1)
+        self.layers, self.block_index = model.get_submodule(layers_name), int(index)
         split = rows.subject_last.cpu()
         first = torch.where(scored.cpu().any(-1), scored.cpu().float().argmax(-1), split)
         if bool((first < split).any()):
@@ -333,41 +318,94 @@ class _SuffixPass:
         self.cache_keyword = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
             else "past_key_values"
         with torch.no_grad():
-            self.cache = model.base_model(input_ids=before_ids.to(device), attention_mask=before_mask.to(device),
-                                          position_ids=torch.arange(before_ids.shape[1]).expand_as(before_ids)
-                                          .to(device), use_cache=True)[self.cache_keyword]
+            cache = model.base_model(input_ids=before_ids.to(device), attention_mask=before_mask.to(device),
+                                     position_ids=torch.arange(before_ids.shape[1]).expand_as(before_ids)
+                                     .to(device), use_cache=True)[self.cache_keyword]
         before_mask[split == 0, 0] = 0
         self.input_ids = after_ids.to(device)
         self.attention_mask = torch.cat([before_mask, after_mask], -1).to(device)
         self.position_ids = (split[:, None] + torch.arange(after_ids.shape[1])).to(device)
         shift = torch.arange(after_ids.shape[1])[None, :] + split[:, None]
-        self.scored = scored.cpu().gather(-1, shift.clamp(max=scored.shape[1] - 1)) & after_mask.bool()
-        self.scored = self.scored.to(device)
+        self.scored = (scored.cpu().gather(-1, shift.clamp(max=scored.shape[1] - 1)) & after_mask.bool()).to(device)
+        # each scored position's rank in the row-major order, to put the groups' logits back in that order
+        self.rank = torch.full(self.scored.shape, -1, dtype=torch.long, device=device)
+        self.rank[self.scored] = torch.arange(int(self.scored.sum()), device=device)
         self.request_index = rows.request_index
         self._token_rows = self.scored.nonzero()[:, 0]
+        self.before_length = before_ids.shape[1]
+        self.lengths = after_mask.sum(-1).to(device)
+        self.groups = []
+        for length in self.lengths.unique().tolist():
+            members = (self.lengths == length).nonzero().flatten()
+            group_cache = copy.deepcopy(cache)
+            group_cache.batch_select_indices(members)
+            self.groups.append((members, length, group_cache))
+        with torch.no_grad(), _reading(self.layers[self.block_index], slice(None), slice(None)) as read:
+            hidden = model.base_model(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                                      position_ids=self.position_ids, use_cache=True,
+                                      **{self.cache_keyword: cache}).last_hidden_state
+        self.block_output, self.output_rest = read[0], read[1]
+        self.subject_output = self.block_output[:, 0].float()
+        self.logits = output_logits(model, hidden[self.scored])
 
-    def run(self, block: nn.Module, delta: torch.Tensor | None, keep: torch.Tensor,
-            read_rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(block output at the subject of `read_rows`, logits at the scored positions of the rows in `keep`)
-        with delta[request] added to the block's output at each kept row's subject."""
-        rows = keep.nonzero().flatten()
-        cache = copy.deepcopy(self.cache)
-        if len(rows) < len(keep):
-            cache.batch_select_indices(rows)
-        at_subject = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
-        with contextlib.ExitStack() as hooks:
-            if delta is not None:
-                hooks.enter_context(_writing(block, delta, self.request_index[rows], at_subject))
-            read = None if read_rows is None else hooks.enter_context(_reading(block, read_rows, at_subject[read_rows]))
-            hidden = self.model.base_model(input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
-                                           position_ids=self.position_ids[rows], use_cache=True,
-                                           **{self.cache_keyword: cache}).last_hidden_state
-        return (None if read is None else read[0].float()), output_logits(self.model, hidden[self.scored[rows]])
-
+    def run(self, delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits at the scored positions of the rows in `keep`, row-major, with delta[request] added to the
+        block's output at each kept row's subject."""
+        hidden, ranks = [], []
+        for members, length, group_cache in self.groups:
+            rows = members[keep[members]]
+            if len(rows) == 0:
+                continue
+            cache = copy.deepcopy(group_cache)
+            if len(rows) < len(members):
+                cache.batch_select_indices(keep[members].nonzero().flatten())
+            written = self.block_output[rows, :length].index_add(
+                1, torch.zeros(1, dtype=torch.long, device=rows.device),
+                delta[self.request_index[rows]].to(self.block_output.dtype)[:, None])
+            with _replaying(self.layers, self.block_index, written, self.output_rest):
+                out = self.model.base_model(input_ids=self.input_ids[rows, :length],
+                                            attention_mask=self.attention_mask[rows, :self.before_length + length],
+                                            position_ids=self.position_ids[rows, :length], use_cache=True,
+                                            **{self.cache_keyword: cache}).last_hidden_state
+            scored = self.scored[rows, :length]
+            hidden.append(out[scored])
+            ranks.append(self.rank[rows, :length][scored])
+        order = torch.cat(ranks).argsort()
+        return output_logits(self.model, torch.cat(hidden)[order])
     def token_row(self, rows: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
         """Indices, among the scored tokens of the rows in `within` (default: all rows), of the tokens of `rows`."""
         token_rows = self._token_rows if within is None else self._token_rows[within[self._token_rows]]
         return rows[token_rows].nonzero().flatten()
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place in `_replaying`: returns `output` (or, without one, its input) in the block's own
+    output format, with the block's plain attributes (a decoder loop may read `attention_type` and the like)."""
+
+    def __init__(self, block: nn.Module, output: torch.Tensor | None, rest: tuple | None):
+        super().__init__()
+        for key, value in vars(block).items():
+            if not key.startswith("_") and key != "training":
+                setattr(self, key, value)
+        self.output, self.rest = output, rest
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        hidden = hidden_states if self.output is None else self.output
+        return hidden if self.rest is None else (hidden, *self.rest)
+
+
+@contextmanager
+def _replaying(layers: nn.ModuleList, index: int, output: torch.Tensor, rest: tuple | None):
+    """The next forward pass skips blocks 0..index: block `index` gives `output` (its cached output, with
+    delta written), the blocks below pass their input on; they are put back afterwards."""
+    originals = [layers[i] for i in range(index + 1)]
+    try:
+        for i, block in enumerate(originals):
+            layers[i] = _StandIn(block, output if i == index else None, rest)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            layers[i] = block
 
 
 def _request_nll(logits: torch.Tensor, targets: torch.Tensor, token_rows: torch.Tensor, batch: TokenizedBatch,
