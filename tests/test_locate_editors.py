@@ -17,7 +17,7 @@ from rledit.editing.losses import logits_at
 from rledit.editors.alphaedit import AlphaEditEditor
 from rledit.editors.base import EditContext
 from rledit.editors.emmet import EmmetEditor
-from rledit.editors.locate import _hidden, _reading, _SuffixPass
+from rledit.editors.locate import _BlockPasses, _hidden, _reading, _SuffixPass
 from rledit.editors.memit import MemitEditor
 from rledit.editors.rome import RomeEditor
 from rledit.errors import ConfigError, DataError, EditRefusedError
@@ -225,13 +225,33 @@ def test_the_last_module_writes_the_target_value_exactly_when_the_prior_is_weak(
     modules = {name: em.module for name, em in editable.items()}
     batch = edit_batch(small_world_model, small_edit_requests[:6])
     rows = editor._prompt_rows(batch)
-    block = model.get_submodule(editor.z_block)
     z = editor._target_values(model, rows, editor._kl_rows(batch), 6)
     update = editor.predict_update(model, modules, batch)
     with functional_update(modules, update):
-        _, after = editor._keys_and_outputs(model, modules[ONE_LAYER], block, rows, 6)
-    _, before = editor._keys_and_outputs(model, modules[ONE_LAYER], block, rows, 6)
+        _, after = editor._keys_and_outputs(_BlockPasses(model, editor.z_block, rows, 0), modules[ONE_LAYER], None, 6)
+    _, before = editor._keys_and_outputs(_BlockPasses(model, editor.z_block, rows, 0), modules[ONE_LAYER], None, 6)
     assert float((after - z).norm()) < 1e-3 * float((before - z).norm())
+
+
+def test_a_pass_resumed_after_an_update_reads_what_a_whole_pass_reads(small_world_model, small_edit_requests,
+                                                                     statistics):
+    """After layer 0's update, the keys of layer 1 and the block output read by a pass resumed at block 0 (from
+    the inputs the first pass recorded) are those of a whole forward pass of the updated model."""
+    editor, editable = set_up(MemitEditor, small_world_model, statistics, TWO_LAYERS, z_steps=3)
+    model = small_world_model.model
+    modules = {name: em.module for name, em in editable.items()}
+    names = list(modules)
+    batch = edit_batch(small_world_model, small_edit_requests[:5])
+    rows = editor._prompt_rows(batch)
+    passes = _BlockPasses(model, editor.z_block, rows, 0)
+    _, unedited = passes.run(modules[names[0]], None)
+    update = {names[0]: editor.predict_update(model, modules, batch)[names[0]]}
+    with functional_update(modules, update):
+        resumed = passes.run(modules[names[1]], 0)
+        whole = _BlockPasses(model, editor.z_block, rows, 0).run(modules[names[1]], None)
+    for a, b in zip(resumed, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert float((resumed[1] - unedited).norm()) > 1e-3 * float(unedited.norm())  # the update changed them
 
 
 @pytest.mark.parametrize("cls", [MemitEditor, AlphaEditEditor, EmmetEditor])

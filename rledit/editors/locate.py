@@ -110,13 +110,15 @@ class LocateEditor(Editor):
         n = batch.num_rows
         rows = self._prompt_rows(batch)
         kl_rows = self._kl_rows(batch)
-        block = model.get_submodule(self.z_block)
         z = self._target_values(model, rows, kl_rows, n)
         update: FactoredUpdate = {}
         names = list(self.module_shapes)
+        passes = _BlockPasses(model, self.z_block, rows, min(_block_index(name) for name in names))
         for i, name in enumerate(names):
+            # the inputs of blocks up to the one just updated are unchanged: resume from there
+            start = None if i == 0 else min(_block_index(names[i - 1]), _block_index(name))
             with functional_update(modules, update):
-                keys, current = self._keys_and_outputs(model, modules[name], block, rows, n)
+                keys, current = self._keys_and_outputs(passes, modules[name], start, n)
             residuals = (z - current) / (len(names) - i)
             refuse_non_finite(f"{type(self).__name__} refused module '{name}'",
                               {"keys": keys, "residuals": residuals})
@@ -218,29 +220,22 @@ class LocateEditor(Editor):
 
     # --- step 2: keys and current outputs ----------------------------------------------------------------
 
-    def _keys_and_outputs(self, model: nn.Module, module: nn.Module, block: nn.Module, rows: TokenizedBatch,
+    def _keys_and_outputs(self, passes: _BlockPasses, module: nn.Module, start: int | None,
                           n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys of `module` at the subject, averaged over each request's rows, and the block's output at the
-        subject of each bare prompt, on the model as it is inside the caller's functional update."""
+        subject of each bare prompt, on the model as it is inside the caller's functional update (a pass
+        resumed at block `start`, or a whole one)."""
+        rows = passes.rows
+        keys, output = passes.run(module, start)
         bare = torch.arange(0, rows.num_rows, 1 + len(self.prefixes), device=rows.input_ids.device)
-        positions = (torch.arange(rows.num_rows, device=rows.input_ids.device), rows.subject_last)
-        captured: list[torch.Tensor] = []
+        keys = torch.zeros(n, keys.shape[-1], device=keys.device).index_add(
+            0, rows.request_index, keys) / float(1 + len(self.prefixes))
+        return keys, output[bare]
 
-        def read_keys(mod: nn.Module, args: tuple) -> None:
-            captured.append(args[0][positions].float())
 
-        handle = module.register_forward_pre_hook(read_keys)
-        try:
-            with torch.no_grad(), _reading(block, bare, rows.subject_last[bare], stop=True) as read:
-                try:
-                    model.base_model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
-                except _Read:  # the layers above the block are not needed
-                    pass
-        finally:
-            handle.remove()
-        keys = torch.zeros(n, captured[0].shape[-1], device=captured[0].device).index_add(
-            0, rows.request_index, captured[0]) / float(1 + len(self.prefixes))
-        return keys, read[0].float()
+def _block_index(module_name: str) -> int:
+    """The index of a module's block in its model's list of blocks: `model.layers.7.mlp.down_proj` -> 7."""
+    return int(_block_of(module_name).rsplit(".", 1)[1])
 
 
 def _block_of(module_name: str) -> str:
@@ -288,6 +283,56 @@ def _padded(ids: list[list[int]], labels: list[list[int]], requests: list[int], 
     located = torch.tensor(lasts)
     return TokenizedBatch(input_ids, attention_mask, label_ids, target_mask, torch.tensor(requests),
                           None, located).to(device)
+
+
+class _BlockPasses:
+    """Forward passes of `rows` up to the block z is read from, resumable at any block below it: the first
+    runs the model and records the input and call arguments (masks, position embeddings) of each block from
+    `first_block` on; after an update of a module in block j, a pass runs blocks j..z only."""
+
+    def __init__(self, model: nn.Module, block_name: str, rows: TokenizedBatch, first_block: int):
+        self.model, self.rows, self.first_block = model, rows, first_block
+        layers_name, index = block_name.rsplit(".", 1)
+        self.layers, self.block_index = model.get_submodule(layers_name), int(index)
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.positions = (torch.arange(rows.num_rows, device=rows.input_ids.device), rows.subject_last)
+
+    def run(self, module: nn.Module, start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`module`'s input, the block's output) at every row's subject, from block `start` on, or from the
+        embeddings if None (the first pass)."""
+        captured: list[torch.Tensor] = []
+        handles = [module.register_forward_pre_hook(lambda _m, args: captured.append(args[0][self.positions]))]
+        with torch.no_grad():
+            try:
+                if start is None:
+                    hidden = self._whole_pass(handles)
+                else:
+                    hidden = self.calls[start][0][0]
+                    for j in range(start, self.block_index + 1):
+                        args, kwargs = self.calls[j]
+                        self.calls[j] = ((hidden, *args[1:]), kwargs)
+                        hidden = _hidden(self.layers[j](hidden, *args[1:], **kwargs))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return captured[0].float(), hidden[self.positions].float()
+
+    def _whole_pass(self, handles: list) -> torch.Tensor:
+        def record(j: int):
+            def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                kwargs = dict(kwargs)
+                self.calls[j] = (args or (kwargs.pop("hidden_states"),), kwargs)
+            return hook
+
+        handles += [self.layers[j].register_forward_pre_hook(record(j), with_kwargs=True)
+                    for j in range(self.first_block, self.block_index + 1)]
+        with _reading(self.layers[self.block_index], slice(None), slice(None), stop=True) as read:
+            try:
+                self.model.base_model(input_ids=self.rows.input_ids, attention_mask=self.rows.attention_mask,
+                                      use_cache=False)
+            except _Read:  # the blocks above are not needed
+                pass
+        return read[0]
 
 
 class _SuffixPass:
