@@ -15,13 +15,19 @@ from transformers import LlamaConfig
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import locate_step
 from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phases
 from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
 from key_overlap import kept_share, nearest_cosine
 from nullspace_capacity import capacity
 
-from rledit.data.collate import IGNORE_INDEX
+from rledit.data.collate import IGNORE_INDEX, EditCollator
+from rledit.data.text import SampledText
+from rledit.editors.base import EditContext
+from rledit.editors.memit import MemitEditor
+from rledit.models.layers import resolve_edit_modules
+from rledit.models.statistics import PreservedStatistics
 
 CPU = torch.device("cpu")
 MICRO = Size(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -114,3 +120,18 @@ def test_key_overlap_compares_each_key_with_its_own_requests_keys_only():
         (0.5 ** 0.5 + 1.0) / 2)
     assert kept_share(queries, torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))) == pytest.approx(
         (0.5 ** 0.5 + 0.0) / 2)
+
+
+def test_locate_step_splits_the_edit_step_and_puts_the_editors_methods_back(small_world_model, small_edit_requests,
+                                                                            tmp_path):
+    model, tokenizer = small_world_model.model, small_world_model.tokenizer
+    modules = {name: em.module for name, em in resolve_edit_modules(model, "model.layers.{0-1}.mlp.down_proj").items()}
+    editor = MemitEditor({name: tuple(m.weight.shape) for name, m in modules.items()}, z_steps=2, num_prefixes=1)
+    editor.setup(EditContext(model, tokenizer, modules, PreservedStatistics(
+        SampledText(num_texts=16, length=12), num_tokens=200, cache_dir=str(tmp_path), progress=False)))
+    batch = EditCollator(tokenizer)(small_edit_requests[:3]).edit
+    seconds = locate_step.time_step(editor, model, modules, batch)
+    assert all(seconds[phase] > 0 for phase in locate_step.PHASES)
+    assert sum(seconds[phase] for phase in locate_step.PHASES) <= seconds["total"]
+    assert not set(locate_step.PHASES.values()) & set(vars(editor))  # the class's methods again
+    assert locate_step.time_one_at_a_time(editor, model, EditCollator(tokenizer), small_edit_requests[:2]) > 0
