@@ -45,7 +45,7 @@ class LocateEditor(Editor):
     needs_subject = True
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], mom2_weight: float = 1e4,
-                 edit_memory: float = 0.0, z_steps: int = 25, z_lr: float = 1.0, clamp_norm: float = 4.0,
+                 edit_memory: float = 0.0, z_steps: int = 25, z_lr: float = 0.5, clamp_norm: float = 4.0,
                  kl_factor: float = 0.0625, weight_decay: float = 0.5, num_prefixes: int = 5,
                  prefix_length: int = 10, kl_suffix: str = " is a", early_stop_nll: float = 0.05, seed: int = 0):
         super().__init__(module_shapes)
