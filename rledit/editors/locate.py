@@ -238,6 +238,12 @@ def _block_index(module_name: str) -> int:
     return int(_block_of(module_name).rsplit(".", 1)[1])
 
 
+def _block_list(model: nn.Module, block_name: str) -> tuple[nn.ModuleList, int]:
+    """The model's list of blocks and the index of `block_name` in it: `model.layers.7` -> (model.layers, 7)."""
+    layers_name, index = block_name.rsplit(".", 1)
+    return model.get_submodule(layers_name), int(index)
+
+
 def _block_of(module_name: str) -> str:
     """The transformer block a module belongs to: `model.layers.7.mlp.down_proj` -> `model.layers.7`."""
     parts = module_name.split(".")
@@ -292,8 +298,7 @@ class _BlockPasses:
 
     def __init__(self, model: nn.Module, block_name: str, rows: TokenizedBatch, first_block: int):
         self.model, self.rows, self.first_block = model, rows, first_block
-        layers_name, index = block_name.rsplit(".", 1)
-        self.layers, self.block_index = model.get_submodule(layers_name), int(index)
+        self.layers, self.block_index = _block_list(model, block_name)
         self.calls: dict[int, tuple[tuple, dict]] = {}
         self.positions = (torch.arange(rows.num_rows, device=rows.input_ids.device), rows.subject_last)
 
@@ -347,8 +352,7 @@ class _SuffixPass:
 
     def __init__(self, model: nn.Module, block_name: str, rows: TokenizedBatch, scored: torch.Tensor):
         self.model, device = model, rows.input_ids.device
-        layers_name, index = block_name.rsplit(".", 1)
-        self.layers, self.block_index = model.get_submodule(layers_name), int(index)
+        self.layers, self.block_index = _block_list(model, block_name)
         split = rows.subject_last.cpu()
         first = torch.where(scored.cpu().any(-1), scored.cpu().float().argmax(-1), split)
         if bool((first < split).any()):
@@ -378,10 +382,10 @@ class _SuffixPass:
         self.request_index = rows.request_index
         self._token_rows = self.scored.nonzero()[:, 0]
         self.before_length = before_ids.shape[1]
-        self.lengths = after_mask.sum(-1).to(device)
+        lengths = after_mask.sum(-1).to(device)
         self.groups = []
-        for length in self.lengths.unique().tolist():
-            members = (self.lengths == length).nonzero().flatten()
+        for length in lengths.unique().tolist():
+            members = (lengths == length).nonzero().flatten()
             group_cache = copy.deepcopy(cache)
             group_cache.batch_select_indices(members)
             self.groups.append((members, length, group_cache))
@@ -417,6 +421,7 @@ class _SuffixPass:
             ranks.append(self.rank[rows, :length][scored])
         order = torch.cat(ranks).argsort()
         return output_logits(self.model, torch.cat(hidden)[order])
+
     def token_row(self, rows: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor:
         """Indices, among the scored tokens of the rows in `within` (default: all rows), of the tokens of `rows`."""
         token_rows = self._token_rows if within is None else self._token_rows[within[self._token_rows]]
