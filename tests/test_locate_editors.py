@@ -198,8 +198,9 @@ def test_suffix_pass_gives_the_logits_of_whole_rows(small_world_model, small_edi
     assert list(model.model.layers) == blocks
 
 
-def test_target_values_make_the_new_targets_likelier(small_world_model, small_edit_requests, statistics):
-    editor, _ = set_up(MemitEditor, small_world_model, statistics, num_prefixes=0)
+@pytest.mark.parametrize("key_token", ["subject", "prompt"])
+def test_target_values_make_the_new_targets_likelier(small_world_model, small_edit_requests, statistics, key_token):
+    editor, _ = set_up(MemitEditor, small_world_model, statistics, num_prefixes=0, key_token=key_token)
     model = small_world_model.model
     batch = edit_batch(small_world_model, small_edit_requests[:8])
     rows = editor._prompt_rows(batch)
@@ -216,15 +217,22 @@ def test_target_values_make_the_new_targets_likelier(small_world_model, small_ed
     assert nll(z - read[0]) < 0.8 * nll(torch.zeros_like(z))
 
 
+@pytest.mark.parametrize("key_token", ["subject", "prompt"])
 def test_the_last_module_writes_the_target_value_exactly_when_the_prior_is_weak(
-        small_world_model, small_edit_requests, statistics):
+        small_world_model, small_edit_requests, statistics, key_token):
     """With no prefixes (keys = the bare prompt's) and a tiny prior, MEMIT's last layer maps each key to its
-    residual, so the block's output at the subject becomes z."""
-    editor, editable = set_up(MemitEditor, small_world_model, statistics, num_prefixes=0, mom2_weight=1e-6)
+    residual, so the block's output at the key token (the subject's last, or the prompt's last) becomes z."""
+    editor, editable = set_up(MemitEditor, small_world_model, statistics, num_prefixes=0, mom2_weight=1e-6,
+                              key_token=key_token)
     model = small_world_model.model
     modules = {name: em.module for name, em in editable.items()}
     batch = edit_batch(small_world_model, small_edit_requests[:6])
     rows = editor._prompt_rows(batch)
+    expected = batch.subject_last if key_token == "subject" else batch.target_mask.int().argmax(-1)
+    assert torch.equal(rows.subject_last, expected)
+    if key_token == "prompt":  # the last prompt token predicts the first target token
+        assert bool((batch.labels[torch.arange(6), expected + 1] >= 0).all())
+        assert bool((batch.labels[torch.arange(6), expected] < 0).all())
     z = editor._target_values(model, rows, editor._kl_rows(batch), 6)
     update = editor.predict_update(model, modules, batch)
     with functional_update(modules, update):
@@ -295,6 +303,11 @@ def test_requests_without_their_subject_are_refused_before_and_during_editing(
     with pytest.raises(DataError, match=r"edit row\(s\) 1 .*subject"):
         editor.predict_update(small_world_model.model, {n: em.module for n, em in editable.items()},
                               edit_batch(small_world_model, [good, bad]))
+
+
+def test_an_unknown_key_token_is_a_clear_error():
+    with pytest.raises(ConfigError, match="key_token"):
+        MemitEditor({M: (D_OUT, D_IN)}, key_token="object")
 
 
 def test_editing_before_setup_is_a_clear_error(small_world_model, small_edit_requests):

@@ -14,6 +14,7 @@ For an edit batch of N requests:
    subclass's `solve` turns (K, R) into the module's factored update dW = P^T Q.
 Every update stays factored (rank N) until the ledger commits it. `edit_memory` > 0 keeps the Gram of the
 keys committed earlier in the sequence (AlphaEdit's cache, sequential MEMIT), reset for every new sequence.
+`key_token=prompt` reads keys and writes z at the prompt's last token instead of the subject's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from rledit.editors.base import EditContext, Editor
 from rledit.editors.key_memory import KeyMemory
 from rledit.errors import ConfigError, DataError
 
+# Where keys are read and z is written: the subject's last token (the published methods: where real models
+# recall facts about the subject), or the prompt's last token (for models that look facts up there instead).
+KEY_TOKENS = ("subject", "prompt")
+
 
 class LocateEditor(Editor):
     """Shared machinery of ROME, MEMIT, EMMET and AlphaEdit; subclasses implement `solve`."""
@@ -47,15 +52,18 @@ class LocateEditor(Editor):
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], mom2_weight: float = 1e4,
                  edit_memory: float = 0.0, z_steps: int = 25, z_lr: float = 0.5, clamp_norm: float = 4.0,
                  kl_factor: float = 0.0625, weight_decay: float = 0.5, num_prefixes: int = 5,
-                 prefix_length: int = 10, kl_suffix: str = " is a", early_stop_nll: float = 0.05, seed: int = 0):
+                 prefix_length: int = 10, kl_suffix: str = " is a", early_stop_nll: float = 0.05, seed: int = 0,
+                 key_token: str = "subject"):
         super().__init__(module_shapes)
+        if key_token not in KEY_TOKENS:
+            raise ConfigError(f"{type(self).__name__}: key_token must be one of {list(KEY_TOKENS)}, got {key_token!r}")
         if z_steps < 1 or z_lr <= 0 or clamp_norm <= 0 or num_prefixes < 0 or prefix_length < 1 or mom2_weight < 0:
             raise ConfigError(f"{type(self).__name__}: need z_steps >= 1, z_lr > 0, clamp_norm > 0, "
                               f"num_prefixes >= 0, prefix_length >= 1 and mom2_weight >= 0")
         self.options = {"mom2_weight": mom2_weight, "edit_memory": edit_memory, "z_steps": z_steps, "z_lr": z_lr,
                         "clamp_norm": clamp_norm, "kl_factor": kl_factor, "weight_decay": weight_decay,
                         "num_prefixes": num_prefixes, "prefix_length": prefix_length, "kl_suffix": kl_suffix,
-                        "early_stop_nll": early_stop_nll, "seed": seed}
+                        "early_stop_nll": early_stop_nll, "seed": seed, "key_token": key_token}
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
         self.second_moments: dict[str, torch.Tensor] = {}
         self.prefixes: list[list[int]] = []
@@ -148,6 +156,8 @@ class LocateEditor(Editor):
         """Each request's prompt + new target, bare and behind each prefix: request i owns rows
         i * (1 + num_prefixes) ... ; its first row is the bare prompt."""
         ids, labels, requests, lasts = [], [], [], []
+        # the prompt's last token is the first that predicts a target token
+        located = batch.subject_last if self.options["key_token"] == "subject" else batch.target_mask.int().argmax(-1)
         for row in range(batch.num_rows):
             length = int(batch.attention_mask[row].sum())
             row_ids, row_labels = batch.input_ids[row, :length].tolist(), batch.labels[row, :length].tolist()
@@ -156,11 +166,12 @@ class LocateEditor(Editor):
                 ids.append(row_ids[:cut] + prefix + row_ids[cut:])
                 labels.append(row_labels[:cut] + [IGNORE_INDEX] * len(prefix) + row_labels[cut:])
                 requests.append(row)
-                lasts.append(int(batch.subject_last[row]) + len(prefix))
+                lasts.append(int(located[row]) + len(prefix))
         return _padded(ids, labels, requests, lasts, batch.input_ids.device)
 
     def _kl_rows(self, batch: TokenizedBatch) -> TokenizedBatch:
-        """"<subject> is a" for each request, from the prompt's own subject tokens (KL at its last token)."""
+        """"<subject> is a" for each request, from the prompt's own subject tokens (KL at its last token; delta is
+        written at the subject's last token, or with key_token=prompt at that last token)."""
         ids, labels, lasts = [], [], []
         for row in range(batch.num_rows):
             first, last = int(batch.subject_first[row]), int(batch.subject_last[row])
@@ -168,7 +179,7 @@ class LocateEditor(Editor):
             head = [self.bos] if self.bos is not None else []
             ids.append(head + subject + self.kl_suffix_ids)
             labels.append([IGNORE_INDEX] * len(ids[-1]))
-            lasts.append(len(head) + len(subject) - 1)
+            lasts.append(len(head) + len(subject) - 1 if self.options["key_token"] == "subject" else len(ids[-1]) - 1)
         return _padded(ids, labels, list(range(batch.num_rows)), lasts, batch.input_ids.device)
 
     # --- step 1: target values -------------------------------------------------------------------------
