@@ -21,6 +21,7 @@ from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
 from key_overlap import kept_share, nearest_cosine
 from nullspace_capacity import capacity
+from world_keys import transfers
 
 from rledit.data.collate import IGNORE_INDEX, EditCollator
 from rledit.data.text import SampledText
@@ -120,6 +121,17 @@ def test_key_overlap_compares_each_key_with_its_own_requests_keys_only():
         (0.5 ** 0.5 + 1.0) / 2)
     assert kept_share(queries, torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))) == pytest.approx(
         (0.5 ** 0.5 + 0.0) / 2)
+
+
+def test_world_keys_transfer_is_the_share_of_an_update_solved_against_C():
+    keys = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    C = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+    paraphrase, others = transfers(keys, 2 * keys, C)
+    assert paraphrase == pytest.approx(2.0)  # twice the key: twice the move
+    # C^-1 k0 = (1, 0), k0^T C^-1 k0 = 1; C^-1 k1 = (1, 1/4), k1^T C^-1 k1 = 5/4
+    assert others.tolist() == pytest.approx([1.0 / 1.25, 1.0])  # [key 0 from key 1's update, key 1 from key 0's]
+    assert transfers(torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64),
+                     torch.eye(3, dtype=torch.float64))[1].abs().max() == 0.0  # orthogonal keys: nothing spills
 
 
 def test_locate_step_splits_the_edit_step_and_puts_the_editors_methods_back(small_world_model, small_edit_requests,
