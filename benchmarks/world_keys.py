@@ -18,6 +18,7 @@ import torch
 from harness import ROOT  # noqa: F401  (puts the checkout on sys.path)
 
 import rledit
+from rledit.data.collate import EditCollator, TokenizedBatch
 from rledit.threads import cpu_threads
 
 
@@ -30,20 +31,19 @@ def transfers(keys: torch.Tensor, paraphrase_keys: torch.Tensor, C: torch.Tensor
     return paraphrase, cross[~torch.eye(len(keys), dtype=torch.bool)].abs()
 
 
-def down_proj_inputs(model, tokenizer, prompts: list[str]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Each layer's down_proj inputs (B x T x d), the attention mask and the input ids of `prompts`."""
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+def down_proj_inputs(model, rows: TokenizedBatch) -> dict[int, torch.Tensor]:
+    """Each layer's down_proj inputs (B x T x d) over `rows`."""
     inputs: dict[int, torch.Tensor] = {}
     handles = [layer.mlp.down_proj.register_forward_pre_hook(
         lambda _m, args, i=i: inputs.__setitem__(i, args[0].detach().double()))
         for i, layer in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
-            model(**encoded)
+            model(input_ids=rows.input_ids, attention_mask=rows.attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    return inputs, encoded.attention_mask.bool(), encoded.input_ids
+    return inputs
 
 
 def main() -> None:
@@ -56,21 +56,26 @@ def main() -> None:
         tiny = rledit.load_model("tiny", *args.overrides)
         model, tokenizer, world = tiny.model, tiny.tokenizer, tiny.loaded.world
         layers = range(len(model.model.layers))
-        texts = [f"{prompt} {answer}" for prompt, answer, _ in world.prompts_and_objects()]
+        collate = EditCollator(tokenizer)
+        facts = world.prompts_and_objects()
         sums, count = {i: 0.0 for i in layers}, 0
-        for start in range(0, len(texts), 512):
-            inputs, mask, _ = down_proj_inputs(model, tokenizer, texts[start:start + 512])
+        for start in range(0, len(facts), 512):
+            chunk = facts[start:start + 512]
+            batch = collate.rows([prompt for prompt, _, _ in chunk], [f" {answer}" for _, answer, _ in chunk])
+            inputs, mask = down_proj_inputs(model, batch), batch.attention_mask.bool()
             for i in layers:
                 sums[i] = sums[i] + inputs[i][mask].T @ inputs[i][mask]
             count += int(mask.sum())
         C = {i: sums[i] / count for i in layers}
         relation = world.relation(args.relation)
         subjects = list(world.subjects)
+        answers = [f" {world.true_object(s, relation.name)}" for s in subjects]
         per_template = []
         for template in relation.templates[:2]:
-            inputs, mask, ids = down_proj_inputs(model, tokenizer, [relation.render(template, s) for s in subjects])
-            subject_last = torch.tensor([_last_subject_token(tokenizer, row.tolist(), s) for row, s in zip(ids, subjects)])
-            per_template.append((inputs, {"subject": subject_last, "prompt": mask.sum(1) - 1}))
+            # the positions the locate-then-edit editors read: key_token=subject and key_token=prompt
+            batch = collate.rows([relation.render(template, s) for s in subjects], answers, subjects)
+            per_template.append((down_proj_inputs(model, batch),
+                                 {"subject": batch.subject_last, "prompt": batch.target_mask.int().argmax(-1)}))
     rows = torch.arange(len(subjects))
     print(f"relation {args.relation}, templates {relation.templates[:2]}, {len(subjects)} subjects, "
           f"C over {count} tokens; model overrides: {args.overrides or 'none'}\n")
@@ -81,14 +86,6 @@ def main() -> None:
             keys, paraphrase_keys = (found[i][rows, positions[token]] for found, positions in per_template)
             paraphrase, others = transfers(keys, paraphrase_keys, C[i])
             print(f"| {i} | {token} | {paraphrase:.3f} | {float(others.mean()):.3f} | {float(others.quantile(0.99)):.3f} |")
-
-
-def _last_subject_token(tokenizer, row: list[int], subject: str) -> int:
-    ids = tokenizer(subject, add_special_tokens=False)["input_ids"]
-    starts = [j for j in range(len(row) - len(ids) + 1) if row[j:j + len(ids)] == ids]
-    if not starts:
-        raise ValueError(f"subject {subject!r} is not in the prompt")
-    return starts[0] + len(ids) - 1
 
 
 if __name__ == "__main__":
