@@ -72,15 +72,18 @@ def main() -> None:
     parser.add_argument("--kind", default="relative")
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data", default="counterfact",
+                        help="counterfact (the evaluation requests) or counterfact-validation (to choose layers)")
+    parser.add_argument("--layers", default=None, help="model.locate_modules, e.g. 'model.layers.{3-12}.mlp.down_proj'")
     args = parser.parse_args()
     with cpu_threads(args.threads):
-        smol = rledit.load_model("smollm2-135m")
-        data = rledit.load_data("counterfact", smol)
+        smol = rledit.load_model("smollm2-135m", *([f"model.locate_modules=['{args.layers}']"] if args.layers else []))
+        data = rledit.load_data(args.data, smol)
         records = [r for step in EditStream(data.eval, args.steps, args.edits_per_step, args.seed).steps for r in step]
         modules = {name: em.module for name, em in resolve_edit_modules(smol.model, smol.locate_modules).items()}
         moments = rledit.preserved_statistics(args.source).second_moments(smol.model, smol.tokenizer, modules)
         keys = subject_keys(smol.model, smol.tokenizer, modules, records)
-    print(f"{len(records)} CounterFact-val edits in the order of a {args.steps} x {args.edits_per_step} run "
+    print(f"{len(records)} {args.data} edits in the order of a {args.steps} x {args.edits_per_step} run "
           f"(seed {args.seed}); statistics: {args.source}; null space: eigenvalues below {args.threshold} "
           f"({args.kind})\n")
     print("| module | projector rank | " + " | ".join(f"{n} edits" for n in range(args.every, len(records) + 1,

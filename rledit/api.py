@@ -23,7 +23,13 @@ from rledit.evaluation.scoring import text_rows
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
 from rledit.paths import CONFIG_DIR
-from rledit.pipeline import editor_from_checkpoint, read_editor_checkpoint, require_subjects, row_length_limit
+from rledit.pipeline import (
+    checkpoint_modules,
+    editor_from_checkpoint,
+    read_editor_checkpoint,
+    require_subjects,
+    row_length_limit,
+)
 from rledit.session import EditSession
 
 
@@ -90,7 +96,7 @@ def make_editor(name: str, model: nn.Module | ConfiguredModel, modules: str | Se
 def load_editor(path: str | Path, model: nn.Module) -> Editor:
     """The trained editor of an `editor.ckpt` written by `python train.py`, checked against `model`."""
     ckpt = read_editor_checkpoint(str(path))
-    editable = resolve_edit_modules(model, ckpt["edit_modules"])
+    editable = resolve_edit_modules(model, checkpoint_modules(ckpt))
     return editor_from_checkpoint(ckpt, str(path), {n: (em.d_out, em.d_in) for n, em in editable.items()},
                                   next(model.parameters()).device)
 

@@ -37,9 +37,11 @@ class Experiment:
         return {name: (em.d_out, em.d_in) for name, em in self.editable.items()}
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
+def build_experiment(cfg: DictConfig, module_specs: list[str] | None = None) -> Experiment:
+    """The experiment of `cfg`, editing `module_specs` when given (a checkpoint's modules), else the
+    configured editor's (`edited_module_specs`)."""
     loaded = instantiate(cfg.model.load)
-    editable = resolve_edit_modules(loaded.model, edited_module_specs(cfg))
+    editable = resolve_edit_modules(loaded.model, module_specs or edited_module_specs(cfg))
     max_length = row_length_limit(cfg.model.get("max_length"), loaded.model)
     collator = EditCollator(loaded.tokenizer, max_length=max_length)
     data = instantiate(cfg.data.records)(loaded, collator)
@@ -108,16 +110,9 @@ def checkpoint_editor_class(ckpt: dict) -> str:
     return ckpt["config"]["editor"]["build"]["_target_"]
 
 
-def load_editor_checkpoint(path: str, experiment: Experiment) -> tuple[Editor, dict]:
-    """Rebuild an editor from `editor.ckpt` (loaded with weights_only=True) and check it fits the model.
-
-    Every way a checkpoint can fail to fit (not loadable safely, not an editor checkpoint, trained for
-    other modules or shapes, options or state this version's editor does not take) is a ConfigError
-    naming the checkpoint, raised before the editor touches the model.
-    """
-    ckpt = read_editor_checkpoint(path)
-    device = next(experiment.model.parameters()).device
-    return editor_from_checkpoint(ckpt, path, experiment.module_shapes, device), ckpt
+def checkpoint_modules(ckpt: dict) -> list[str]:
+    """The names of the modules a checkpoint read by `read_editor_checkpoint` was trained to edit."""
+    return list(ckpt["module_shapes"])
 
 
 def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple[int, int]],

@@ -13,7 +13,9 @@ import torch
 
 import rledit
 from rledit.errors import ConfigError, DataError, EditRefusedError
+from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
 from rledit.threads import cpu_threads
+from tests.test_evaluate_cli import compose_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -96,3 +98,15 @@ def test_unknown_editors_and_non_checkpoints_are_config_errors(small, tmp_path):
         rledit.load_editor(not_a_checkpoint, small.model)
     with pytest.raises(ConfigError, match="no such file"):
         rledit.load_editor(tmp_path / "missing.ckpt", small.model)
+
+
+def test_load_editor_rebuilds_a_checkpoint_for_the_modules_it_was_trained_for(small_world, tmp_path):
+    cfg = compose_config([*small_world, "editor=rledit", "editor.build.rank=8",
+                          "model.edit_modules=[model.layers.1.mlp.down_proj]"])
+    trained = build_editor(cfg, experiment := build_experiment(cfg))
+    torch.nn.init.normal_(next(p for p in trained.parameters() if p.dim() == 2))
+    path = tmp_path / "editor.ckpt"
+    torch.save(editor_checkpoint(trained, cfg), path)
+    loaded = rledit.load_editor(path, experiment.model)
+    assert loaded.module_shapes == {"model.layers.1.mlp.down_proj": (128, 256)}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))

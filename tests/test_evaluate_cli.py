@@ -123,6 +123,27 @@ def test_an_editor_checkpoint_is_evaluated_in_place_of_the_configured_editor(sma
     assert results["metrics"] == reference["metrics"]
 
 
+def test_a_checkpoint_edits_the_modules_it_was_trained_for(small_world, tmp_path, capsys):
+    """No need to repeat `model.edit_modules`: the checkpoint's modules are edited, and the run says so."""
+    trained_for = "model.layers.1.mlp.down_proj"
+    cfg = compose_config([*small_world, f"model.edit_modules=[{trained_for}]"])
+    checkpoint = tmp_path / "editor.ckpt"
+    torch.save(editor_checkpoint(build_editor(cfg, build_experiment(cfg)), cfg), checkpoint)
+    results = run_in_process([*small_world, f"checkpoint={checkpoint}", "num_steps=2", f"run_dir={tmp_path / 'run'}"])
+    assert [list(step["update_norms"]) for step in results["per_step"]] == [[trained_for]] * 2
+    assert f"edits the modules it was trained for, ['{trained_for}']" in capsys.readouterr().out
+
+
+def test_a_checkpoint_for_modules_this_model_lacks_is_a_config_error(small_world, tmp_path):
+    cfg = compose_config(small_world)
+    checkpoint = editor_checkpoint(build_editor(cfg, build_experiment(cfg)), cfg)
+    checkpoint["module_shapes"] = {"transformer.h.0.mlp.c_fc": [512, 128]}
+    path = tmp_path / "editor.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ConfigError, match=rf"checkpoint={path} was trained for modules .*transformer.h.0.mlp.c_fc"):
+        run_in_process([*small_world, f"checkpoint={path}", f"run_dir={tmp_path / 'run'}"])
+
+
 def wandb_records(path: Path):
     """The records of an offline run file (.wandb: a LevelDB-style log of protobuf records in 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2

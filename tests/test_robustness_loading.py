@@ -15,7 +15,8 @@ from rledit.pipeline import (
     build_editor,
     build_experiment,
     editor_checkpoint,
-    load_editor_checkpoint,
+    editor_from_checkpoint,
+    read_editor_checkpoint,
 )
 from tests.conftest import composed_model_config
 from tests.test_evaluate_cli import compose_config
@@ -30,6 +31,11 @@ def experiment_and_checkpoint(small_world):
     cfg = compose_config([*small_world, "editor=rledit", "editor.build.rank=8"])
     experiment = build_experiment(cfg)
     return experiment, editor_checkpoint(build_editor(cfg, experiment), cfg)
+
+
+def load_editor_checkpoint(path: str, experiment) -> None:
+    """What `evaluate.py checkpoint=PATH` does with the file before any edit."""
+    editor_from_checkpoint(read_editor_checkpoint(path), path, experiment.module_shapes, torch.device("cpu"))
 
 
 def _touch(path: str) -> None:

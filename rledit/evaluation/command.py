@@ -11,19 +11,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.collate import TokenizedBatch
 from rledit.editors.base import Editor
-from rledit.errors import ConfigError
+from rledit.errors import ConfigError, LayerSpecError
 from rledit.evaluation.plots import PLOT_FILE, plot_run
 from rledit.evaluation.report import format_table, results_document, write_per_step_csv, write_results
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.saved_edits import save_edited_model
 from rledit.evaluation.scoring import RequestScorer, text_rows
 from rledit.evaluation.tracking import log_run
+from rledit.models.layers import resolve_edit_modules
 from rledit.pipeline import (
     Experiment,
     build_editor,
     build_experiment,
     checkpoint_editor_class,
-    load_editor_checkpoint,
+    checkpoint_modules,
+    edited_module_specs,
+    editor_from_checkpoint,
+    read_editor_checkpoint,
     require_subjects,
     set_up_editor,
 )
@@ -46,8 +50,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    experiment = build_experiment(cfg)
-    editor, editor_info = _editor(cfg, experiment)
+    ckpt = read_editor_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    experiment = _experiment(cfg, ckpt)
+    editor, editor_info = _editor(cfg, experiment, ckpt)
     require_subjects(experiment.data.eval, editor)
     set_up_editor(cfg, experiment, editor)
     editor_info.update(editor.report())
@@ -74,6 +79,18 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     return document
 
 
+def _experiment(cfg: DictConfig, ckpt: dict | None) -> Experiment:
+    """The configured experiment, editing the checkpoint's modules when a checkpoint is given."""
+    if ckpt is None:
+        return build_experiment(cfg)
+    try:
+        return build_experiment(cfg, checkpoint_modules(ckpt))
+    except LayerSpecError as exc:
+        raise ConfigError(f"checkpoint={cfg.checkpoint} was trained for modules {checkpoint_modules(ckpt)} of "
+                          f"model {ckpt['config']['model']['name']!r}, which model={cfg.model.name} does not "
+                          f"have: {exc}") from exc
+
+
 def _num_steps(cfg: DictConfig) -> int:
     """num_steps, or total_edits / edits_per_step when total_edits is set (a sweep over batch sizes)."""
     total = cfg.get("total_edits")
@@ -84,12 +101,18 @@ def _num_steps(cfg: DictConfig) -> int:
     return total // cfg.edits_per_step
 
 
-def _editor(cfg: DictConfig, experiment: Experiment) -> tuple[Editor, dict[str, Any]]:
-    """The checkpoint's editor when one is given, else the configured editor as built (saying what that means)."""
-    if cfg.checkpoint:
-        editor, ckpt = load_editor_checkpoint(cfg.checkpoint, experiment)
+def _editor(cfg: DictConfig, experiment: Experiment, ckpt: dict | None) -> tuple[Editor, dict[str, Any]]:
+    """The checkpoint's editor when one is given (on the modules it was trained for), else the configured
+    editor as built (saying what that means)."""
+    if ckpt is not None:
+        editor = editor_from_checkpoint(ckpt, cfg.checkpoint, experiment.module_shapes,
+                                        next(experiment.model.parameters()).device)
         editor_class = checkpoint_editor_class(ckpt)
         print(f"evaluating the editor of checkpoint {cfg.checkpoint} ({editor_class})")
+        configured = set(resolve_edit_modules(experiment.model, edited_module_specs(cfg)))
+        if configured != set(experiment.editable):
+            print(f"the checkpoint edits the modules it was trained for, {sorted(experiment.editable)}, "
+                  f"not this model config's {sorted(configured)}")
         return editor, {"name": ckpt["config"]["editor"].get("name", editor_class), "class": editor_class,
                         "checkpoint": str(cfg.checkpoint)}
     editor = build_editor(cfg, experiment)
