@@ -45,7 +45,14 @@ from rledit.data.streams import EditStream
 from rledit.editing.losses import forward_logits, target_nll
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.models.layers import EditableModule
-from rledit.pipeline import build_editor, build_experiment, checkpoint_editor_class, load_editor_checkpoint
+from rledit.pipeline import (
+    build_editor,
+    build_experiment,
+    checkpoint_editor_class,
+    checkpoint_modules,
+    editor_from_checkpoint,
+    read_editor_checkpoint,
+)
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
 
@@ -215,9 +222,11 @@ def parse_args() -> argparse.Namespace:
 def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
     """Build the configured experiment, measure, print the table; returns edit step / floor."""
     torch.manual_seed(cfg.seed)
-    experiment = build_experiment(cfg)
-    if args.checkpoint:
-        editor, ckpt = load_editor_checkpoint(str(Path(args.checkpoint).resolve()), experiment)
+    path = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
+    ckpt = read_editor_checkpoint(path) if path else None
+    experiment = build_experiment(cfg, checkpoint_modules(ckpt) if ckpt else None)
+    if ckpt:
+        editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, next(experiment.model.parameters()).device)
         editor_label = f"{checkpoint_editor_class(ckpt)} from {args.checkpoint}"
     else:
         editor = build_editor(cfg, experiment)
