@@ -49,9 +49,7 @@ from rledit.pipeline import (
     build_editor,
     build_experiment,
     checkpoint_editor_class,
-    checkpoint_modules,
-    editor_from_checkpoint,
-    read_editor_checkpoint,
+    checkpoint_experiment,
 )
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
@@ -223,12 +221,11 @@ def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
     """Build the configured experiment, measure, print the table; returns edit step / floor."""
     torch.manual_seed(cfg.seed)
     path = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
-    ckpt = read_editor_checkpoint(path) if path else None
-    experiment = build_experiment(cfg, checkpoint_modules(ckpt) if ckpt else None)
-    if ckpt:
-        editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, next(experiment.model.parameters()).device)
+    if path:
+        experiment, editor, ckpt = checkpoint_experiment(cfg, path)
         editor_label = f"{checkpoint_editor_class(ckpt)} from {args.checkpoint}"
     else:
+        experiment = build_experiment(cfg)
         editor = build_editor(cfg, experiment)
         editor_label = f"editor={args.editor} ({'untrained' if editor.trainable else 'training-free'})"
     session = EditSession(experiment.model, experiment.editable, editor)

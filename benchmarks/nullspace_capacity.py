@@ -97,15 +97,17 @@ def main() -> None:
     print("\ncells: mean share of the newest keys' projected norm outside the span of all earlier projected "
           "keys (the span's dimension so far)")
     print("\nThe scale of AlphaEdit's ridge (`ridge` x the mean eigenvalue of C) against the edits' keys:\n")
-    print("| module | mean eigenvalue of C | largest | mean squared key norm | projected | key / mean eigenvalue |")
-    print("|---|---|---|---|---|---|")
+    print("| module | mean eigenvalue of C | largest | mean squared key norm | projected | key / mean eigenvalue "
+          "| preserved energy in the null space |")
+    print("|---|---|---|---|---|---|---|")
     for name, C in moments.items():
         eigenvalues = torch.linalg.eigvalsh(C.double())
         projector, _ = nullspace_projector(name, C, args.threshold, args.kind)
         energy = keys[name].square().sum(1).mean()
         projected = (keys[name] @ projector).square().sum(1).mean()
+        leak = (projector * C.double()).sum() / C.double().trace()  # tr(P C) / tr(C): what P leaves movable
         print(f"| {name} | {eigenvalues.mean():.4g} | {eigenvalues.max():.4g} | {energy:.4g} | {projected:.4g} | "
-              f"{energy / eigenvalues.mean():.0f} |")
+              f"{energy / eigenvalues.mean():.0f} | {leak:.4f} |")
 
 
 if __name__ == "__main__":

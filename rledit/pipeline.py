@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from rledit.data.collate import EditCollator
 from rledit.data.sources import EditData
 from rledit.editors.base import EditContext, Editor
-from rledit.errors import ConfigError, DataError, RleditError
+from rledit.errors import ConfigError, DataError, LayerSpecError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 
 EDITOR_CHECKPOINT_FORMAT = "rledit-editor/2"
@@ -113,6 +113,20 @@ def checkpoint_editor_class(ckpt: dict) -> str:
 def checkpoint_modules(ckpt: dict) -> list[str]:
     """The names of the modules a checkpoint read by `read_editor_checkpoint` was trained to edit."""
     return list(ckpt["module_shapes"])
+
+
+def checkpoint_experiment(cfg: DictConfig, path: str) -> tuple[Experiment, Editor, dict]:
+    """The checkpoint at `path` read, the experiment of `cfg` built on the modules it edits, and its editor
+    on the model's device: what editing with a trained editor starts from."""
+    ckpt = read_editor_checkpoint(path)
+    try:
+        experiment = build_experiment(cfg, checkpoint_modules(ckpt))
+    except LayerSpecError as exc:
+        raise ConfigError(f"checkpoint={path} was trained for modules {checkpoint_modules(ckpt)} of model "
+                          f"{ckpt['config']['model']['name']!r}, which model={cfg.model.name} does not "
+                          f"have: {exc}") from exc
+    editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, next(experiment.model.parameters()).device)
+    return experiment, editor, ckpt
 
 
 def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple[int, int]],

@@ -34,7 +34,7 @@ def experiment_and_checkpoint(small_world):
 
 
 def load_editor_checkpoint(path: str, experiment) -> None:
-    """What `evaluate.py checkpoint=PATH` does with the file before any edit."""
+    """Read the checkpoint at `path` and build its editor for the experiment's modules."""
     editor_from_checkpoint(read_editor_checkpoint(path), path, experiment.module_shapes, torch.device("cpu"))
 
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rledit.data.collate import TokenizedBatch
 from rledit.editors.base import Editor
-from rledit.errors import ConfigError, LayerSpecError
+from rledit.errors import ConfigError
 from rledit.evaluation.plots import PLOT_FILE, plot_run
 from rledit.evaluation.report import format_table, results_document, write_per_step_csv, write_results
 from rledit.evaluation.runner import Protocol, run_lifelong
@@ -24,10 +24,8 @@ from rledit.pipeline import (
     build_editor,
     build_experiment,
     checkpoint_editor_class,
-    checkpoint_modules,
+    checkpoint_experiment,
     edited_module_specs,
-    editor_from_checkpoint,
-    read_editor_checkpoint,
     require_subjects,
     set_up_editor,
 )
@@ -50,9 +48,12 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    ckpt = read_editor_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
-    experiment = _experiment(cfg, ckpt)
-    editor, editor_info = _editor(cfg, experiment, ckpt)
+    if cfg.checkpoint:
+        experiment, editor, ckpt = checkpoint_experiment(cfg, cfg.checkpoint)
+        editor_info = _checkpoint_editor_info(cfg, experiment, ckpt)
+    else:
+        experiment = build_experiment(cfg)
+        editor, editor_info = _configured_editor(cfg, experiment)
     require_subjects(experiment.data.eval, editor)
     set_up_editor(cfg, experiment, editor)
     editor_info.update(editor.report())
@@ -79,18 +80,6 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     return document
 
 
-def _experiment(cfg: DictConfig, ckpt: dict | None) -> Experiment:
-    """The configured experiment, editing the checkpoint's modules when a checkpoint is given."""
-    if ckpt is None:
-        return build_experiment(cfg)
-    try:
-        return build_experiment(cfg, checkpoint_modules(ckpt))
-    except LayerSpecError as exc:
-        raise ConfigError(f"checkpoint={cfg.checkpoint} was trained for modules {checkpoint_modules(ckpt)} of "
-                          f"model {ckpt['config']['model']['name']!r}, which model={cfg.model.name} does not "
-                          f"have: {exc}") from exc
-
-
 def _num_steps(cfg: DictConfig) -> int:
     """num_steps, or total_edits / edits_per_step when total_edits is set (a sweep over batch sizes)."""
     total = cfg.get("total_edits")
@@ -101,20 +90,20 @@ def _num_steps(cfg: DictConfig) -> int:
     return total // cfg.edits_per_step
 
 
-def _editor(cfg: DictConfig, experiment: Experiment, ckpt: dict | None) -> tuple[Editor, dict[str, Any]]:
-    """The checkpoint's editor when one is given (on the modules it was trained for), else the configured
-    editor as built (saying what that means)."""
-    if ckpt is not None:
-        editor = editor_from_checkpoint(ckpt, cfg.checkpoint, experiment.module_shapes,
-                                        next(experiment.model.parameters()).device)
-        editor_class = checkpoint_editor_class(ckpt)
-        print(f"evaluating the editor of checkpoint {cfg.checkpoint} ({editor_class})")
-        configured = set(resolve_edit_modules(experiment.model, edited_module_specs(cfg)))
-        if configured != set(experiment.editable):
-            print(f"the checkpoint edits the modules it was trained for, {sorted(experiment.editable)}, "
-                  f"not this model config's {sorted(configured)}")
-        return editor, {"name": ckpt["config"]["editor"].get("name", editor_class), "class": editor_class,
-                        "checkpoint": str(cfg.checkpoint)}
+def _checkpoint_editor_info(cfg: DictConfig, experiment: Experiment, ckpt: dict) -> dict[str, Any]:
+    """What results.json says of a checkpoint's editor (it edits the modules it was trained for)."""
+    editor_class = checkpoint_editor_class(ckpt)
+    print(f"evaluating the editor of checkpoint {cfg.checkpoint} ({editor_class})")
+    configured = set(resolve_edit_modules(experiment.model, edited_module_specs(cfg)))
+    if configured != set(experiment.editable):
+        print(f"the checkpoint edits the modules it was trained for, {sorted(experiment.editable)}, "
+              f"not this model config's {sorted(configured)}")
+    return {"name": ckpt["config"]["editor"].get("name", editor_class), "class": editor_class,
+            "checkpoint": str(cfg.checkpoint)}
+
+
+def _configured_editor(cfg: DictConfig, experiment: Experiment) -> tuple[Editor, dict[str, Any]]:
+    """The configured editor as built, saying what that means."""
     editor = build_editor(cfg, experiment)
     if editor.trainable:
         print(f"No checkpoint given: evaluating editor={cfg.editor.name} UNTRAINED, at its initialization. "
