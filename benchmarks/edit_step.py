@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
         editor = build_editor(cfg, experiment)
         editor_label = f"editor={args.editor} ({'untrained' if editor.trainable else 'training-free'})"
     session = EditSession(experiment.model, experiment.editable, editor)
-    device = next(experiment.model.parameters()).device
+    device = experiment.device
     history, timed = (experiment.collator(step).edit.to(device)
                       for step in EditStream(experiment.data.eval, 2, args.edits, cfg.seed).steps)
     result = measure(session, timed, history, args.repeats, args.warm_up, device)

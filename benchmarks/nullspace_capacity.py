@@ -89,8 +89,8 @@ def main() -> None:
     print("| module | projector rank | " + " | ".join(f"{n} edits" for n in range(args.every, len(records) + 1,
                                                                                args.every)) + " |")
     print("|---|---|" + "---|" * (len(records) // args.every))
-    for name, C in moments.items():
-        projector, rank = nullspace_projector(name, C, args.threshold, args.kind)
+    projectors = {name: nullspace_projector(name, C, args.threshold, args.kind) for name, C in moments.items()}
+    for name, (projector, rank) in projectors.items():
         rows = capacity(keys[name] @ projector, args.every)
         cells = " | ".join(f"{share:.2f} ({span})" for _, share, span in rows)
         print(f"| {name} | {rank} | {cells} |")
@@ -102,7 +102,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, C in moments.items():
         eigenvalues = torch.linalg.eigvalsh(C.double())
-        projector, _ = nullspace_projector(name, C, args.threshold, args.kind)
+        projector = projectors[name][0]
         energy = keys[name].square().sum(1).mean()
         projected = (keys[name] @ projector).square().sum(1).mean()
         leak = (projector * C.double()).sum() / C.double().trace()  # tr(P C) / tr(C): what P leaves movable

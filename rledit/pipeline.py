@@ -33,6 +33,10 @@ class Experiment:
         return self.loaded.model
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: (em.d_out, em.d_in) for name, em in self.editable.items()}
 
@@ -85,7 +89,7 @@ def row_length_limit(max_length: int | None, model: torch.nn.Module) -> int | No
 
 def build_editor(cfg: DictConfig, experiment: Experiment) -> Editor:
     editor = instantiate(cfg.editor.build)(module_shapes=experiment.module_shapes)
-    return editor.to(next(experiment.model.parameters()).device)
+    return editor.to(experiment.device)
 
 
 def set_up_editor(cfg: DictConfig, experiment: Experiment, editor: Editor) -> None:
@@ -125,7 +129,7 @@ def checkpoint_experiment(cfg: DictConfig, path: str) -> tuple[Experiment, Edito
         raise ConfigError(f"checkpoint={path} was trained for modules {checkpoint_modules(ckpt)} of model "
                           f"{ckpt['config']['model']['name']!r}, which model={cfg.model.name} does not "
                           f"have: {exc}") from exc
-    editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, next(experiment.model.parameters()).device)
+    editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, experiment.device)
     return experiment, editor, ckpt
 
 
