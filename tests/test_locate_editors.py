@@ -280,6 +280,37 @@ def test_edits_revert_bit_exactly_and_the_key_memory_follows(cls, small_world_mo
     assert editor.key_memory.gram == {}
 
 
+def test_module_groups_take_the_steps_in_turn_and_each_edits_as_an_editor_of_that_group_alone(
+        small_world_model, small_edit_requests, statistics):
+    """Two groups of one layer, one step each: the first step is exactly what an AlphaEdit of layer 0 alone
+    predicts, the second touches layer 1 only (z written after block 1), the third layer 0 again; a revert
+    gives the reverted step's group the next edit."""
+    grouped, editable = set_up(AlphaEditEditor, small_world_model, statistics, TWO_LAYERS, z_steps=3,
+                               module_groups=2, steps_per_group=1)
+    alone, _ = set_up(AlphaEditEditor, small_world_model, statistics, ONE_LAYER, z_steps=3)
+    model = small_world_model.model
+    batches = [edit_batch(small_world_model, small_edit_requests[i:i + 3]) for i in (0, 3, 6)]
+    first = alone.predict_update(model, {ONE_LAYER: editable[ONE_LAYER].module}, batches[0])
+    session = EditSession(model, editable, grouped)
+    updates = [session.edit(batch) for batch in batches[:2]]
+    assert list(updates[0]) == [ONE_LAYER] and list(updates[1]) == ["model.layers.1.mlp.down_proj"]
+    torch.testing.assert_close(updates[0][ONE_LAYER].dense(), first[ONE_LAYER].dense(), rtol=0, atol=0)
+    assert list(grouped.key_memory.gram) == [ONE_LAYER, "model.layers.1.mlp.down_proj"]
+    session.revert(1)
+    assert list(session.edit(batches[1])) == ["model.layers.1.mlp.down_proj"]
+    assert list(session.edit(batches[2])) == [ONE_LAYER]
+    session.revert()
+    assert grouped.active_modules == [ONE_LAYER]
+
+
+def test_module_groups_that_do_not_divide_the_modules_are_a_clear_error():
+    shapes = {f"h.{i}.mlp.proj": (D_OUT, D_IN) for i in range(3)}
+    with pytest.raises(ConfigError, match=r"module_groups \(2\) must divide the 3 edited modules"):
+        MemitEditor(shapes, module_groups=2)
+    with pytest.raises(ConfigError, match="steps_per_group"):
+        MemitEditor(shapes, module_groups=3, steps_per_group=0)
+
+
 def test_non_finite_statistics_refuse_the_edit_and_leave_the_model_as_it_was(
         small_world_model, small_edit_requests, statistics):
     editor, editable = set_up(MemitEditor, small_world_model, statistics, z_steps=2)

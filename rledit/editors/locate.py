@@ -15,6 +15,9 @@ For an edit batch of N requests:
 Every update stays factored (rank N) until the ledger commits it. `edit_memory` > 0 keeps the Gram of the
 keys committed earlier in the sequence (AlphaEdit's cache, sequential MEMIT), reset for every new sequence.
 `key_token=prompt` reads keys and writes z at the prompt's last token instead of the subject's.
+`module_groups` > 1 splits the edited modules into consecutive groups that take the sequence's steps in turn
+(`steps_per_group` commits each, cycling), so each group's null space and key memory hold only its share of
+the edits; z is then written after the active group's last layer.
 """
 
 from __future__ import annotations
@@ -53,23 +56,30 @@ class LocateEditor(Editor):
                  edit_memory: float = 0.0, z_steps: int = 25, z_lr: float = 0.5, clamp_norm: float = 4.0,
                  kl_factor: float = 0.0625, weight_decay: float = 0.5, num_prefixes: int = 5,
                  prefix_length: int = 10, kl_suffix: str = " is a", early_stop_nll: float = 0.05, seed: int = 0,
-                 key_token: str = "subject"):
+                 key_token: str = "subject", module_groups: int = 1, steps_per_group: int = 1):
         super().__init__(module_shapes)
         if key_token not in KEY_TOKENS:
             raise ConfigError(f"{type(self).__name__}: key_token must be one of {list(KEY_TOKENS)}, got {key_token!r}")
+        if module_groups < 1 or steps_per_group < 1 or len(self.module_shapes) % module_groups:
+            raise ConfigError(f"{type(self).__name__}: module_groups ({module_groups}) must divide the "
+                              f"{len(self.module_shapes)} edited modules and steps_per_group ({steps_per_group}) "
+                              "must be >= 1")
         if z_steps < 1 or z_lr <= 0 or clamp_norm <= 0 or num_prefixes < 0 or prefix_length < 1 or mom2_weight < 0:
             raise ConfigError(f"{type(self).__name__}: need z_steps >= 1, z_lr > 0, clamp_norm > 0, "
                               f"num_prefixes >= 0, prefix_length >= 1 and mom2_weight >= 0")
         self.options = {"mom2_weight": mom2_weight, "edit_memory": edit_memory, "z_steps": z_steps, "z_lr": z_lr,
                         "clamp_norm": clamp_norm, "kl_factor": kl_factor, "weight_decay": weight_decay,
                         "num_prefixes": num_prefixes, "prefix_length": prefix_length, "kl_suffix": kl_suffix,
-                        "early_stop_nll": early_stop_nll, "seed": seed, "key_token": key_token}
+                        "early_stop_nll": early_stop_nll, "seed": seed, "key_token": key_token,
+                        "module_groups": module_groups, "steps_per_group": steps_per_group}
+        for name in self.module_shapes:
+            _block_of(name)  # a module outside a block is a ConfigError now, not at the first edit
+        self.commits = 0  # steps committed in this sequence: which module group edits next
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
         self.second_moments: dict[str, torch.Tensor] = {}
         self.prefixes: list[list[int]] = []
         self.kl_suffix_ids: list[int] = []
         self.bos: int | None = None
-        self.z_block = _block_of(list(self.module_shapes)[-1])
         self.statistics_info: dict[str, Any] = {}
 
     def setup(self, context: EditContext) -> None:
@@ -97,6 +107,19 @@ class LocateEditor(Editor):
     def prepare(self) -> None:
         """Derive what `solve` needs from the second moments (once per run)."""
 
+    @property
+    def active_modules(self) -> list[str]:
+        """The modules the next step edits, in model order: all of them, or the current group's."""
+        names = list(self.module_shapes)
+        size = len(names) // self.options["module_groups"]
+        group = (self.commits // self.options["steps_per_group"]) % self.options["module_groups"]
+        return names[group * size:(group + 1) * size]
+
+    @property
+    def z_block(self) -> str:
+        """The block after whose output z is written: the one holding the last module edited next."""
+        return _block_of(self.active_modules[-1])
+
     def report(self) -> dict[str, Any]:
         return {"statistics": self.statistics_info}
 
@@ -120,7 +143,7 @@ class LocateEditor(Editor):
         kl_rows = self._kl_rows(batch)
         z = self._target_values(model, rows, kl_rows, n)
         update: FactoredUpdate = {}
-        names = list(self.module_shapes)
+        names = self.active_modules
         passes = _BlockPasses(model, self.z_block, rows, min(_block_index(name) for name in names))
         for i, name in enumerate(names):
             # the inputs of blocks up to the one just updated are unchanged: resume from there
@@ -136,10 +159,12 @@ class LocateEditor(Editor):
         return update
 
     def committed(self) -> None:
+        self.commits += 1
         if self.key_memory is not None:
             self.key_memory.commit()
 
     def reverted(self, k: int | None = None) -> None:
+        self.commits = 0 if k is None else max(self.commits - k, 0)
         if self.key_memory is not None:
             self.key_memory.revert(k)
 
