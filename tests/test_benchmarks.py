@@ -26,6 +26,7 @@ from world_keys import transfers
 from rledit.data.collate import IGNORE_INDEX, EditCollator
 from rledit.data.text import SampledText
 from rledit.editors.base import EditContext
+from rledit.editors.locate import _reading
 from rledit.editors.memit import MemitEditor
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
@@ -147,3 +148,24 @@ def test_locate_step_splits_the_edit_step_and_puts_the_editors_methods_back(smal
     assert sum(seconds[phase] for phase in locate_step.PHASES) <= seconds["total"]
     assert not set(locate_step.PHASES.values()) & set(vars(editor))  # the class's methods again
     assert locate_step.time_one_at_a_time(editor, model, EditCollator(tokenizer), small_edit_requests[:2]) > 0
+
+
+def test_the_published_z_optimisation_reaches_the_editors_target_values(small_world_model, small_edit_requests,
+                                                                         tmp_path):
+    """The published procedure (whole rows through the whole model, delta written by a hook) and the editor's
+    (suffix passes through the blocks above) optimise the same objective: the same z for one request."""
+    model, tokenizer = small_world_model.model, small_world_model.tokenizer
+    modules = {name: em.module for name, em in resolve_edit_modules(model, "model.layers.{0-1}.mlp.down_proj").items()}
+    editor = MemitEditor({name: tuple(m.weight.shape) for name, m in modules.items()}, z_steps=4, num_prefixes=2,
+                         early_stop_nll=0.0)
+    editor.setup(EditContext(model, tokenizer, modules, PreservedStatistics(
+        SampledText(num_texts=16, length=12), num_tokens=200, cache_dir=str(tmp_path), progress=False)))
+    batch = EditCollator(tokenizer)(small_edit_requests[:1]).edit
+    ours = editor._target_values(model, editor._prompt_rows(batch), editor._kl_rows(batch), 1)[0]
+    published = locate_step.published_z(editor, model, batch)
+    bare = editor._prompt_rows(batch)
+    with torch.no_grad(), _reading(model.get_submodule(editor.z_block), torch.arange(1), bare.subject_last[:1]) as read:
+        model.base_model(input_ids=bare.input_ids[:1], attention_mask=bare.attention_mask[:1])
+    moved = float((ours - read[0][0]).norm())
+    assert moved > 0.1 * float(ours.norm())  # four Adam steps moved z, and both by the same
+    assert float((published - ours).norm()) < 1e-3 * moved
