@@ -20,7 +20,7 @@ from harness import ROOT  # noqa: F401  (puts the checkout on sys.path)
 import rledit
 from rledit.data.collate import EditCollator
 from rledit.data.streams import EditStream
-from rledit.editors.nullspace import nullspace_projector
+from rledit.editors.nullspace import movable_share, nullspace_projector
 from rledit.models.layers import resolve_edit_modules
 from rledit.threads import cpu_threads
 
@@ -105,7 +105,7 @@ def main() -> None:
         projector = projectors[name][0]
         energy = keys[name].square().sum(1).mean()
         projected = (keys[name] @ projector).square().sum(1).mean()
-        leak = (projector * C.double()).sum() / C.double().trace()  # tr(P C) / tr(C): what P leaves movable
+        leak = movable_share(projector, C)
         print(f"| {name} | {eigenvalues.mean():.4g} | {eigenvalues.max():.4g} | {energy:.4g} | {projected:.4g} | "
               f"{energy / eigenvalues.mean():.0f} | {leak:.4f} |")
 

@@ -10,7 +10,7 @@ from rledit.data.collate import EditCollator
 from rledit.data.text import SampledText
 from rledit.editing.losses import forward_logits, target_nll
 from rledit.editors.base import EditContext
-from rledit.editors.nullspace import nullspace_projector
+from rledit.editors.nullspace import movable_share, nullspace_projector
 from rledit.editors.ridge_solve import ridge_update
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import ConfigError
@@ -95,6 +95,17 @@ def test_the_energy_threshold_keeps_the_directions_that_hold_that_share_of_the_t
     projector, energy = nullspace_projector("m", C, 0.85 / values.sum(), "energy")  # 0.1 + 0.2 + 0.5 <= 0.85
     assert (relative, energy) == (7, 3)
     torch.testing.assert_close(projector, torch.diag(torch.tensor([0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.float64)))
+
+
+def test_the_movable_share_is_the_energy_the_projector_keeps_on_its_own_keys_and_more_on_others():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
+    values = torch.tensor([1e4, 10.0, 5.0, 3.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    C = basis @ torch.diag(values) @ basis.T
+    projector, _ = nullspace_projector("m", C, 0.85 / values.sum(), "energy")
+    assert movable_share(projector, C) == pytest.approx(0.8 / values.sum())  # 0.5 + 0.2 + 0.1 of the trace
+    assert movable_share(projector, torch.eye(8, dtype=torch.float64)) == pytest.approx(3 / 8)  # isotropic keys
+    assert movable_share(torch.zeros(8, 8, dtype=torch.float64), C) == 0.0
 
 
 def test_an_empty_null_space_is_an_error_naming_the_module():

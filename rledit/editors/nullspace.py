@@ -42,3 +42,10 @@ def nullspace_projector(name: str, C: torch.Tensor, threshold: float, kind: str 
         warnings.warn(f"the null-space projector of '{name}' keeps every direction (rank {rank}): it protects "
                       "nothing; lower the threshold", stacklevel=2)
     return kept @ kept.T, rank
+
+
+def movable_share(projector: torch.Tensor, C: torch.Tensor) -> float:
+    """tr(P C) / tr(C): the share of the energy of keys with second moment C that lies inside the projector's
+    range, so that an update confined to it still moves their outputs (0 for an exact null space)."""
+    C = C.double()
+    return float((projector.double() * C).sum() / C.trace())
