@@ -69,12 +69,17 @@ def time_step(editor: LocateEditor, model, modules, batch) -> dict[str, float]:
     return seconds
 
 
-def time_one_at_a_time(editor: LocateEditor, model, collator, records) -> float:
-    """Seconds of the z optimisation of `records`, one request after another."""
+def editor_z(editor: LocateEditor, model, batch: TokenizedBatch) -> torch.Tensor:
+    """The editor's own z optimisation of `batch`'s requests."""
+    return editor._target_values(model, editor._prompt_rows(batch), editor._kl_rows(batch), batch.num_rows)
+
+
+def time_one_at_a_time(editor: LocateEditor, model, collator, records,
+                       z: Callable[[LocateEditor, object, TokenizedBatch], torch.Tensor] = editor_z) -> float:
+    """Seconds of the z optimisation `z` of `records`, one request after another."""
     start = time.perf_counter()
     for record in records:
-        batch = collator([record]).edit
-        editor._target_values(model, editor._prompt_rows(batch), editor._kl_rows(batch), 1)
+        z(editor, model, collator([record]).edit)
     return time.perf_counter() - start
 
 
@@ -85,13 +90,15 @@ def published_z(editor: LocateEditor, model, batch: TokenizedBatch) -> torch.Ten
     kl_row, where = rows.num_rows - 1, (torch.arange(rows.num_rows), rows.subject_last)
     kl_at = int(rows.attention_mask[kl_row].sum()) - 1
     targets = rows.labels[:, 1:][rows.target_mask[:, :-1]]
+    token_rows = rows.target_mask.nonzero()[:, 0]
     block = model.get_submodule(editor.z_block)
     delta, read = None, []
 
     def write(module, args, output):
         hidden = _hidden(output)
-        read.append(hidden[where].detach())
-        if delta is not None:
+        if delta is None:  # the unedited pass: h
+            read.append(hidden[where].detach())
+        else:
             hidden = hidden.index_put(where, delta.expand(rows.num_rows, -1).to(hidden.dtype), accumulate=True)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -108,7 +115,6 @@ def published_z(editor: LocateEditor, model, batch: TokenizedBatch) -> torch.Ten
                 log_probs = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits.float() \
                     .log_softmax(-1)
                 per_token = F.nll_loss(log_probs[rows.target_mask], targets, reduction="none")
-                token_rows = rows.target_mask.nonzero()[:, 0]
                 nll = (torch.zeros(rows.num_rows).index_add(0, token_rows, per_token)
                        / rows.target_mask.sum(-1).clamp(min=1))[:kl_row].mean()
                 kl = (reference.exp() * (reference - log_probs[kl_row, kl_at])).sum()
@@ -123,14 +129,6 @@ def published_z(editor: LocateEditor, model, batch: TokenizedBatch) -> torch.Ten
     finally:
         handle.remove()
     return h + delta.detach()
-
-
-def time_published(editor: LocateEditor, model, collator, records) -> float:
-    """Seconds of the published z optimisation of `records`, one request after another."""
-    start = time.perf_counter()
-    for record in records:
-        published_z(editor, model, collator([record]).edit)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -155,8 +153,8 @@ def main() -> None:
         steps = [time_step(editor, experiment.model, modules, batch) for _ in range(args.repeats)]
         alone = (time_one_at_a_time(editor, experiment.model, experiment.collator, records[:args.one_at_a_time])
                  if args.one_at_a_time else None)
-        published = (time_published(editor, experiment.model, experiment.collator, records[:args.one_at_a_time])
-                     if args.one_at_a_time else None)
+        published = (time_one_at_a_time(editor, experiment.model, experiment.collator, records[:args.one_at_a_time],
+                                         z=published_z) if args.one_at_a_time else None)
         threads = torch.get_num_threads()  # inside cpu_threads: the count the steps ran with
     print(f"editor={args.editor}, {args.edits} requests, {len(modules)} modules, {threads} "
           f"thread(s), torch {torch.__version__}; median of {args.repeats} steps"
