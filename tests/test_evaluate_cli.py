@@ -254,6 +254,11 @@ def test_heldout_text_file_is_read_line_by_line_and_a_missing_one_is_named(small
         len(experiment.data.heldout_text)
     with pytest.raises(ConfigError, match="nowhere.txt: no such file"):
         heldout_rows(compose_config([*small_world, f"heldout_text_file={tmp_path / 'nowhere.txt'}"]), experiment)
+    first_two = heldout_rows(compose_config([*small_world, f"heldout_text_file={text}", "heldout_text_limit=2"]),
+                             experiment)
+    assert torch.equal(first_two.input_ids, rows.input_ids[:2, :first_two.input_ids.shape[1]])
+    with pytest.raises(ConfigError, match="heldout_text_limit=0"):
+        heldout_rows(compose_config([*small_world, "heldout_text_limit=0"]), experiment)
 
 
 def test_a_batch_size_sweep_edits_equal_totals_and_collects_into_one_table_and_plot(small_world, tmp_path):

@@ -116,7 +116,8 @@ def _configured_editor(cfg: DictConfig, experiment: Experiment) -> tuple[Editor,
 
 
 def heldout_rows(cfg: DictConfig, experiment: Experiment) -> TokenizedBatch | None:
-    """Held-out text for perplexity: the file `heldout_text_file` (one text per line), else the data's own."""
+    """Held-out text for perplexity: the file `heldout_text_file` (one text per line), else the data's own;
+    the first `heldout_text_limit` texts when set (a whole WikiText-2 split costs two long passes per run on a CPU)."""
     if cfg.heldout_text_file:
         path = Path(cfg.heldout_text_file)
         if not path.is_file():
@@ -129,4 +130,9 @@ def heldout_rows(cfg: DictConfig, experiment: Experiment) -> TokenizedBatch | No
     else:
         print("no held-out text for perplexity: pass heldout_text_file=PATH (one text per line) to measure it")
         return None
+    limit = cfg.get("heldout_text_limit")
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(f"heldout_text_limit={limit!r}: must be a positive number of texts, or null for all")
+        texts = texts[:limit]
     return text_rows(experiment.loaded.tokenizer, texts, experiment.collator.max_length)
