@@ -1,11 +1,16 @@
 """Collect the results.json of many runs (a Hydra multirun such as the batch-size sweep) into one table and
-one plot: `python -m rledit.evaluation.sweep multirun/2026-12-02/01-00-00 [--out DIR]`."""
+one plot: `python -m rledit.evaluation.sweep multirun/2026-12-02/01-00-00 [--out DIR]`.
+
+Runs whose configurations differ only in their seeds are one row: the mean over those edit sequences, with
+the seeds listed and the spread (sample standard deviation) of `cf_mean`, the mean of CounterFact efficacy,
+paraphrase, neighbourhood and agreement with the unedited model by which issue 14 ranks editors."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,27 +22,62 @@ from rledit.errors import ConfigError
 from rledit.evaluation.plots import MARKERS
 from rledit.evaluation.report import RESULTS_FILE
 
-COLUMNS = ("editor", "num_steps", "edits_per_step", "num_requests", "efficacy", "generalization", "specificity",
-           "specificity_agreement", "cf_efficacy_score", "cf_paraphrase_score", "cf_neighborhood_score",
-           "perplexity", "edit_seconds_per_step", "seconds_per_edit", "refused_edits", "run")
+METRICS = ("efficacy", "generalization", "specificity", "specificity_agreement", "cf_efficacy_score",
+           "cf_paraphrase_score", "cf_neighborhood_score", "unedited_cf_neighborhood", "cf_mean",
+           "generation_exact_match", "perplexity", "unedited_perplexity", "edit_seconds_per_step", "seconds_per_edit",
+           "refused_edits")
+CF_MEAN_OF = ("cf_efficacy_score", "cf_paraphrase_score", "cf_neighborhood_score", "specificity_agreement")
+COLUMNS = ("editor", "num_steps", "edits_per_step", "num_requests", "seeds", *METRICS, "cf_mean_sd", "run")
 PLOTTED = ("efficacy", "generalization", "specificity_agreement", "cf_neighborhood_score")
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
-    """One row per results.json below `root`, sorted by editor and batch size."""
-    rows = []
+    """One row per configuration below `root` (its runs' seeds averaged), sorted by editor and batch size."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(root.rglob(RESULTS_FILE)):
         document = json.loads(path.read_text())
-        protocol, timing, metrics = document["protocol"], document["timing"], document["metrics"]
-        rows.append({"editor": document["editor"]["name"], "num_steps": protocol["num_steps"],
-                     "edits_per_step": protocol["edits_per_step"], "num_requests": protocol["num_requests"],
-                     **{name: metrics.get(name) for name in COLUMNS if name in metrics},
-                     "edit_seconds_per_step": timing["edit_seconds_per_step"],
-                     "seconds_per_edit": timing["edit_seconds_total"] / protocol["num_requests"],
-                     "refused_edits": document["refused_edits"], "run": str(path.parent)})
-    if not rows:
+        groups[json.dumps(_without_seeds(document["config"]), sort_keys=True)].append(_run_row(document, path))
+    if not groups:
         raise ConfigError(f"no {RESULTS_FILE} below {root}")
-    return sorted(rows, key=lambda r: (r["editor"], r["edits_per_step"]))
+    rows = [_mean_row(runs) for runs in groups.values()]
+    return sorted(rows, key=lambda r: (r["editor"], r["edits_per_step"], r["run"]))
+
+
+def _run_row(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    protocol, timing, metrics = document["protocol"], document["timing"], document["metrics"]
+    row = {"editor": document["editor"]["name"], "num_steps": protocol["num_steps"],
+           "edits_per_step": protocol["edits_per_step"], "num_requests": protocol["num_requests"],
+           "seed": protocol["seed"], **{name: metrics.get(name) for name in METRICS if name in metrics},
+           "unedited_cf_neighborhood": document["pre_edit"].get("cf_neighborhood_score"),
+           "unedited_perplexity": document["pre_edit"].get("perplexity"),
+           "edit_seconds_per_step": timing["edit_seconds_per_step"],
+           "seconds_per_edit": timing["edit_seconds_total"] / protocol["num_requests"],
+           "refused_edits": document["refused_edits"], "run": str(path.parent)}
+    if all(row.get(name) is not None for name in CF_MEAN_OF):
+        row["cf_mean"] = statistics.fmean(row[name] for name in CF_MEAN_OF)
+    return row
+
+
+def _mean_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one configuration as one row: each metric's mean over the runs that have it."""
+    row = {key: runs[0][key] for key in ("editor", "num_steps", "edits_per_step", "num_requests")}
+    row["seeds"] = ",".join(str(seed) for seed in sorted(r["seed"] for r in runs))
+    for name in METRICS:
+        values = [r[name] for r in runs if r.get(name) is not None]
+        row[name] = statistics.fmean(values) if values else None
+    cf_means = [r["cf_mean"] for r in runs if r.get("cf_mean") is not None]
+    row["cf_mean_sd"] = statistics.stdev(cf_means) if len(cf_means) > 1 else None
+    row["run"] = ";".join(r["run"] for r in runs)
+    return row
+
+
+def _without_seeds(config: Any) -> Any:
+    """The configuration with every seed and the run folder left out: what makes runs the same row."""
+    if isinstance(config, dict):
+        return {k: _without_seeds(v) for k, v in config.items() if k not in ("seed", "run_dir")}
+    if isinstance(config, list):
+        return [_without_seeds(v) for v in config]
+    return config
 
 
 def write_table(rows: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
@@ -97,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     csv_path, md_path = write_table(rows, out)
     plot = plot_comparison(rows, out / "comparison.png")
     print(md_path.read_text())
-    print(f"{len(rows)} runs: {csv_path}, {md_path}, {plot}")
+    print(f"{len(rows)} configurations: {csv_path}, {md_path}, {plot}")
 
 
 if __name__ == "__main__":
