@@ -165,3 +165,14 @@ def test_validation_scores_match_a_final_run_and_leave_model_and_editor_untouche
     assert len(session.ledger) == 0
     after = session.editor.state_dict()
     assert all(after[k].equal(v) for k, v in editor_before.items())
+
+
+def test_the_printed_table_keeps_a_destroyed_models_perplexity_in_its_column():
+    from rledit.evaluation.report import format_table
+    from rledit.evaluation.runner import LifelongResult, StepRecord
+
+    result = LifelongResult(Protocol(num_steps=1, edits_per_step=2), 2, {"efficacy": 0.05, "perplexity": 58.37},
+                            {"efficacy": 0.0, "perplexity": 68069835.6},
+                            [StepRecord(step=1, edits=2, edit_seconds=1.0, refused=False, update_norms={})], 0, "none", 0)
+    perplexity = next(line for line in format_table(result, 0).splitlines() if line.startswith("perplexity"))
+    assert perplexity.split() == ["perplexity", "58.37", "6.807e+07"]

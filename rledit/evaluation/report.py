@@ -89,6 +89,8 @@ def format_table(result: LifelongResult, skipped_records: int) -> str:
 def _cell(value: float | None) -> str:
     if value is None:
         return "-"
+    if abs(value) >= 1e5:  # a destroyed model's perplexity: keep it inside its 10-character column
+        return f"{value:.3e}"
     return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
 
 
