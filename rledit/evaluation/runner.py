@@ -154,19 +154,22 @@ def run_lifelong(session: EditSession, collator: EditCollator, records: Sequence
 
 
 def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_rows: int = 64) -> dict[str, float]:
-    """Commit `batches` in order, score efficacy, generalization and specificity of all of them on the final
-    model, then revert: the model's weights and the editor's state (normalizer statistics) are restored
-    exactly, so validation leaves no trace on training. Refused batches are counted in `refused_edits`.
+    """Commit `batches` in order, score efficacy, generalization, specificity and agreement with the model
+    as it was before (as the lifelong evaluation does) of all of them on the final model, then revert: the
+    model's weights and the editor's state (normalizer statistics) are restored exactly, so validation leaves
+    no trace on training. Refused batches are counted in `refused_edits`.
     """
     model, editor = session.model, session.editor
+    scorer = RequestScorer(model, chunk_rows, generation=False)
+    reference = [scorer.score(batch).locality_predictions for batch in batches]
     editor_state = editor.snapshot()
     committed_before = len(session.ledger)
     refused = 0
     try:
         for batch in batches:
             refused += not _edit_or_refuse(session, batch.edit)
-        scorer = RequestScorer(model, chunk_rows, generation=False)
-        summary = RequestScores.concat([scorer.score(batch) for batch in batches]).summary()
+        summary = RequestScores.concat([scorer.score(batch, before)
+                                        for batch, before in zip(batches, reference)]).summary()
     finally:
         session.revert(len(session.ledger) - committed_before)
         editor.restore(editor_state)
