@@ -121,7 +121,8 @@ def checkpoint_modules(ckpt: dict) -> list[str]:
 
 def checkpoint_experiment(cfg: DictConfig, path: str) -> tuple[Experiment, Editor, dict]:
     """The checkpoint at `path` read, the experiment of `cfg` built on the modules it edits, and its editor
-    on the model's device: what editing with a trained editor starts from."""
+    on the model's device (with `cfg.checkpoint_options` replacing its build options, where set): what editing
+    with a trained editor starts from."""
     ckpt = read_editor_checkpoint(path)
     try:
         experiment = build_experiment(cfg, checkpoint_modules(ckpt))
@@ -129,13 +130,15 @@ def checkpoint_experiment(cfg: DictConfig, path: str) -> tuple[Experiment, Edito
         raise ConfigError(f"checkpoint={path} was trained for modules {checkpoint_modules(ckpt)} of model "
                           f"{ckpt['config']['model']['name']!r}, which model={cfg.model.name} does not "
                           f"have: {exc}") from exc
-    editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, experiment.device)
+    options = OmegaConf.to_container(cfg.checkpoint_options, resolve=True) if cfg.get("checkpoint_options") else {}
+    editor = editor_from_checkpoint(ckpt, path, experiment.module_shapes, experiment.device, options)
     return experiment, editor, ckpt
 
 
 def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple[int, int]],
-                           device: torch.device) -> Editor:
-    """The editor a checkpoint read by `read_editor_checkpoint` describes, for modules of `module_shapes`."""
+                           device: torch.device, options: dict | None = None) -> Editor:
+    """The editor a checkpoint read by `read_editor_checkpoint` describes, for modules of `module_shapes`,
+    with `options` replacing its build options."""
     saved = {name: tuple(shape) for name, shape in ckpt["module_shapes"].items()}
     if saved != module_shapes:
         raise ConfigError(f"checkpoint={path} was trained for modules {saved} of model "
@@ -148,7 +151,8 @@ def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple
     if cls is None or not issubclass(cls, Editor):
         raise ConfigError(f"checkpoint={path} names editor class {editor_class!r}, "
                           "which is not an rledit editor")
-    options = {k: v for k, v in ckpt["config"]["editor"]["build"].items() if k not in ("_target_", "_partial_")}
+    saved_options = {k: v for k, v in ckpt["config"]["editor"]["build"].items() if k not in ("_target_", "_partial_")}
+    options = saved_options | (options or {})
     try:
         editor = cls(saved, **options)
         editor.load_state_dict(ckpt["state_dict"])

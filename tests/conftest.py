@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
+from rledit.data.collate import EditCollator
 from rledit.data.records import EditRecord
 from rledit.data.synthetic import WorldModel, load_world_model
 from rledit.errors import PretrainingError
+from rledit.models.layers import resolve_edit_modules
 from rledit.paths import CONFIG_DIR
 
 # The default architecture on a small world, trained until every template reaches the default target
@@ -38,6 +40,16 @@ def small_training_requests(small_world_model: WorldModel) -> list[EditRecord]:
     """Edits on the other half of the subjects: a training stream disjoint from `small_edit_requests`."""
     world = small_world_model.world
     return world.edit_requests(world.split_subjects(eval_fraction=0.5, seed=0).train, seed=1)
+
+
+@pytest.fixture(scope="session")
+def ridge_edit_setup(small_world_model, small_edit_requests):
+    """The small world's model, gate/up of layers 1-2 as edited modules, their shapes, three batches of 5 edits."""
+    editable = resolve_edit_modules(small_world_model.model, "model.layers.{1-2}.mlp.{gate_proj,up_proj}")
+    shapes = {name: (em.d_out, em.d_in) for name, em in editable.items()}
+    collate = EditCollator(small_world_model.tokenizer)
+    batches = [collate(small_edit_requests[i:i + 5]).edit for i in range(0, 15, 5)]
+    return small_world_model.model, editable, shapes, batches
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,23 @@ def test_a_checkpoint_edits_the_modules_it_was_trained_for(small_world, tmp_path
     assert f"edits the modules it was trained for, ['{trained_for}']" in capsys.readouterr().out
 
 
+def test_checkpoint_options_replace_the_checkpoints_build_options(small_world, saving_run, tmp_path):
+    """rounds=2 at evaluation changes what the checkpoint's editor does; a misspelt option or options with no
+    checkpoint are refused by name."""
+    cfg, reference, _ = saving_run
+    checkpoint = tmp_path / "editor.ckpt"
+    torch.save(editor_checkpoint(build_editor(cfg, build_experiment(cfg)), cfg), checkpoint)
+    results = run_in_process([*small_world, f"checkpoint={checkpoint}", "+checkpoint_options.rounds=2",
+                              f"run_dir={tmp_path / 'run'}"])
+    assert results["editor"]["checkpoint_options"] == {"rounds": 2}
+    assert results["metrics"]["efficacy"] != reference["metrics"]["efficacy"]
+    with pytest.raises(ConfigError, match="does not fit .*rouns"):
+        run_in_process([*small_world, f"checkpoint={checkpoint}", "+checkpoint_options.rouns=2",
+                        f"run_dir={tmp_path / 'bad'}"])
+    with pytest.raises(ConfigError, match="checkpoint_options=.*no checkpoint is given"):
+        run_in_process([*small_world, "+checkpoint_options.rounds=2", f"run_dir={tmp_path / 'none'}"])
+
+
 def test_a_checkpoint_for_modules_this_model_lacks_is_a_config_error(small_world, tmp_path):
     cfg = compose_config(small_world)
     checkpoint = editor_checkpoint(build_editor(cfg, build_experiment(cfg)), cfg)

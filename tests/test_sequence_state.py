@@ -6,16 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rledit.data.collate import EditCollator
 from rledit.editors.key_memory import KeyMemory
 from rledit.editors.ridge import RidgeEditor
 from rledit.editors.ridge_solve import ridge_update
 from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import EditRefusedError
-from rledit.models.layers import resolve_edit_modules
 from rledit.session import EditSession
-
-SPEC = "model.layers.{1-2}.mlp.{gate_proj,up_proj}"
 
 
 def test_ridge_with_memory_equals_the_regularised_least_squares_solution():
@@ -29,18 +25,9 @@ def test_ridge_with_memory_equals_the_regularised_least_squares_solution():
     assert (update.dense().double() - expected).norm() / expected.norm() < 1e-5  # dense() is fp32
 
 
-@pytest.fixture(scope="module")
-def memory_setup(small_world_model, small_edit_requests):
-    editable = resolve_edit_modules(small_world_model.model, SPEC)
-    shapes = {name: (em.d_out, em.d_in) for name, em in editable.items()}
-    collate = EditCollator(small_world_model.tokenizer)
-    batches = [collate(small_edit_requests[i:i + 5]).edit for i in range(0, 15, 5)]
-    return small_world_model.model, editable, shapes, batches
-
-
 @pytest.mark.parametrize("weight, keeps", [(1e4, True), (1e-6, False)])
-def test_a_strong_memory_keeps_the_outputs_at_earlier_keys(memory_setup, weight, keeps):
-    model, editable, shapes, batches = memory_setup
+def test_a_strong_memory_keeps_the_outputs_at_earlier_keys(ridge_edit_setup, weight, keeps):
+    model, editable, shapes, batches = ridge_edit_setup
     editor = TrainingFreeEditor(shapes, edit_memory=weight)
     session = EditSession(model, editable, editor)
     try:
@@ -57,8 +44,8 @@ def test_a_strong_memory_keeps_the_outputs_at_earlier_keys(memory_setup, weight,
         session.revert()
 
 
-def test_memory_reverts_exactly_and_ignores_refused_edits(memory_setup):
-    model, editable, shapes, batches = memory_setup
+def test_memory_reverts_exactly_and_ignores_refused_edits(ridge_edit_setup):
+    model, editable, shapes, batches = ridge_edit_setup
     editor = TrainingFreeEditor(shapes, edit_memory=0.5)
     session = EditSession(model, editable, editor)
     try:
@@ -88,8 +75,8 @@ def test_memory_weight_must_be_positive():
 
 
 @pytest.mark.parametrize("per_sequence", [True, False])
-def test_normalizer_statistics_start_empty_for_each_sequence_only_when_asked(memory_setup, per_sequence):
-    model, editable, shapes, batches = memory_setup
+def test_normalizer_statistics_start_empty_for_each_sequence_only_when_asked(ridge_edit_setup, per_sequence):
+    model, editable, shapes, batches = ridge_edit_setup
     editor = RidgeEditor(shapes, rank=8, norm_per_sequence=per_sequence)
     normalizer = next(iter(editor.bank.normalizers.values()))
     session = EditSession(model, editable, editor)

@@ -58,6 +58,17 @@ FactoredUpdate = dict[str, ModuleUpdate]
 """Module name (as in `model.named_modules()`) -> its update."""
 
 
+def concat_updates(first: FactoredUpdate, second: FactoredUpdate) -> FactoredUpdate:
+    """The update that applies both: each module's rows appended (alpha and row masks folded into the scale)."""
+    def concat(a: ModuleUpdate | None, b: ModuleUpdate) -> ModuleUpdate:
+        if a is None:
+            return b
+        return ModuleUpdate(torch.cat([a.P, b.P.to(a.P.dtype)]), torch.cat([a.Q, b.Q.to(a.Q.dtype)]),
+                            torch.cat([a.effective_scale(), b.effective_scale()]))
+
+    return {**first, **{name: concat(first.get(name), update) for name, update in second.items()}}
+
+
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The labels of `tensors` that hold a NaN or an inf (one host sync for all of them)."""
     if not tensors:

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from rledit.editing.functional import functional_update
 from rledit.editing.losses import forward_logits, target_nll
-from rledit.editing.update import FactoredUpdate
+from rledit.editing.update import FactoredUpdate, concat_updates
 from rledit.editors.base import Editor
 from rledit.errors import ConfigError
 from rledit.models.capture import CapturedFactors, capture_factors
@@ -26,14 +27,22 @@ class FactorEditor(Editor):
 
     Hypernetwork editors keep the graph from their parameters to the update's factors so that training can
     back-propagate into them.
+
+    `rounds` > 1 captures and predicts again on the model with the earlier rounds' update applied, and
+    commits the rounds' updates as one: a single step is linearised where the edit starts, and a far
+    target (a new object) is reached by re-linearising, as the locate-then-edit methods optimise theirs.
     """
 
-    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target"):
+    def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
+                 rounds: int = 1):
         super().__init__(module_shapes)
         if capture_tokens not in CAPTURE_TOKENS:
             raise ConfigError(f"editor option capture_tokens={capture_tokens!r}: expected one of {CAPTURE_TOKENS}")
+        if rounds < 1:
+            raise ConfigError(f"editor option rounds={rounds}: need at least 1 round per edit batch")
         self.capture_tokens = capture_tokens
         self.needs_subject = capture_tokens == "subject"
+        self.rounds = rounds
 
     def capture(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> dict[str, CapturedFactors]:
         """One forward/backward of the edit loss on `batch` (a TokenizedBatch), recording K and G."""
@@ -48,7 +57,16 @@ class FactorEditor(Editor):
         return captured.factors
 
     def predict_update(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> FactoredUpdate:
-        return self.update_from_factors(self.capture(model, modules, batch))
+        self.start_update()
+        update: FactoredUpdate = {}
+        for _ in range(self.rounds):
+            with functional_update(modules, {name: u.detach() for name, u in update.items()}):
+                factors = self.capture(model, modules, batch)
+            update = concat_updates(update, self.update_from_factors(factors))
+        return update
+
+    def start_update(self) -> None:
+        """A new update's first round begins (editors that remember its rounds forget an uncommitted one)."""
 
     @abstractmethod
     def update_from_factors(self, factors: Mapping[str, CapturedFactors]) -> FactoredUpdate:

@@ -23,8 +23,21 @@ class KeyMemory:
         self.gram: dict[str, torch.Tensor] = {}
 
     def propose(self, name: str, keys: torch.Tensor) -> None:
-        """Keys of the update being predicted; they count once that update is committed."""
-        self.pending[name] = keys.detach()
+        """Keys of one round of the update being predicted; they count once that update is committed."""
+        keys = keys.detach()
+        self.pending[name] = keys if name not in self.pending else torch.cat([self.pending[name], keys])
+
+    def discard_pending(self) -> None:
+        """A new update begins: the rounds of one that was never committed are forgotten."""
+        self.pending = {}
+
+    def regulariser(self, name: str) -> torch.Tensor | None:
+        """The weighted Gram of the committed keys and of the earlier rounds of the update being predicted."""
+        gram = self.gram.get(name)
+        if name in self.pending:
+            keys = self.pending[name].float()
+            gram = (0 if gram is None else gram) + self.weight * keys.T @ keys
+        return gram
 
     def commit(self) -> None:
         if self.pending:

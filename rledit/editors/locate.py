@@ -138,6 +138,8 @@ class LocateEditor(Editor):
         if not self.second_moments:
             raise ConfigError(f"{type(self).__name__}.setup(context) must run before the first edit")
         self.check_subjects(batch)
+        if self.key_memory is not None:
+            self.key_memory.discard_pending()
         n = batch.num_rows
         rows = self._prompt_rows(batch)
         kl_rows = self._kl_rows(batch)
@@ -173,7 +175,7 @@ class LocateEditor(Editor):
 
     def restore(self, snapshot: Any) -> None:
         if self.key_memory is not None:
-            self.key_memory.pending = {}
+            self.key_memory.discard_pending()
 
     # --- the rows the optimisation and the keys are computed on --------------------------------------
 

@@ -34,9 +34,9 @@ class RidgeEditor(HypernetEditor):
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
                  init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0,
                  norm_per_sequence: bool = False, preserve_weight: float = 0.0,
-                 nullspace_threshold: float | None = None, threshold_kind: str = "relative"):
+                 nullspace_threshold: float | None = None, threshold_kind: str = "relative", rounds: int = 1):
         super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
-                         norm_per_sequence)
+                         norm_per_sequence, rounds)
         if preserve_weight < 0 or (nullspace_threshold is not None and nullspace_threshold <= 0):
             raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0 and "
                               f"nullspace_threshold={nullspace_threshold} > 0 or null")
@@ -92,12 +92,16 @@ class RidgeEditor(HypernetEditor):
         coeffs = -self.bank.log_eta(name).exp() * self.shift_coefficients(f.keys, keys_t)
         memory = None
         if self.key_memory is not None:
+            memory = self.key_memory.regulariser(name)
             self.key_memory.propose(name, f.keys)
-            memory = self.key_memory.gram.get(name)
         if self.preserves_knowledge and not (self.priors or self.projectors):
             raise ConfigError("the ridge editor preserves knowledge from statistics: setup(context) must run first")
         return ridge_update(f.keys, coeffs[:, None] * grads_t, self.bank.log_lambda(name).exp(), memory=memory,
                             prior=self.priors.get(name), projector=self.projectors.get(name))
+
+    def start_update(self) -> None:
+        if self.key_memory is not None:
+            self.key_memory.discard_pending()
 
     def committed(self) -> None:
         if self.key_memory is not None:

@@ -52,6 +52,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         experiment, editor, ckpt = checkpoint_experiment(cfg, cfg.checkpoint)
         editor_info = _checkpoint_editor_info(cfg, experiment, ckpt)
     else:
+        if cfg.get("checkpoint_options"):
+            raise ConfigError(f"checkpoint_options={dict(cfg.checkpoint_options)} replace a checkpoint's build "
+                              "options, but no checkpoint is given (set the editor's with editor.build.X=...)")
         experiment = build_experiment(cfg)
         editor, editor_info = _configured_editor(cfg, experiment)
     require_subjects(experiment.data.eval, editor)
@@ -99,7 +102,8 @@ def _checkpoint_editor_info(cfg: DictConfig, experiment: Experiment, ckpt: dict)
         print(f"the checkpoint edits the modules it was trained for, {sorted(experiment.editable)}, "
               f"not this model config's {sorted(configured)}")
     return {"name": ckpt["config"]["editor"].get("name", editor_class), "class": editor_class,
-            "checkpoint": str(cfg.checkpoint)}
+            "checkpoint": str(cfg.checkpoint),
+            **({"checkpoint_options": dict(cfg.checkpoint_options)} if cfg.get("checkpoint_options") else {})}
 
 
 def _configured_editor(cfg: DictConfig, experiment: Experiment) -> tuple[Editor, dict[str, Any]]:
