@@ -109,13 +109,18 @@ def preserved_statistics(source: str = "sampled", **options: Any) -> PreservedSt
 
 
 class EditedModel:
-    """A frozen causal LM under edit: every `edit` is committed to its weights and revertible in order."""
+    """A frozen causal LM under edit: every `edit` is committed to its weights and revertible in order.
+
+    Editors that keep preserved knowledge read `statistics`; by default they come from text the model samples
+    itself (`preserved_statistics()`, computed only if the editor asks for them, and cached), as in evaluate.py.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, editor: Editor, statistics: PreservedStatistics | None = None,
                  max_length: int | None = None):
         editable = resolve_edit_modules(model, list(editor.module_shapes))
         self.model, self.tokenizer, self.editor = model, tokenizer, editor
         self.collator = EditCollator(tokenizer, max_length=max_length)
+        statistics = preserved_statistics() if statistics is None else statistics
         editor.setup(EditContext(model, tokenizer, {n: em.module for n, em in editable.items()}, statistics))
         self.session = EditSession(model, editable, editor)
 

@@ -26,7 +26,7 @@ from rledit.evaluation.saved_edits import (
     save_edited_model,
 )
 from rledit.evaluation.scoring import RequestScorer
-from rledit.pipeline import build_editor, build_experiment, editor_checkpoint
+from rledit.pipeline import build_editor, build_experiment, editor_checkpoint, set_up_editor
 from rledit.session import EditSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +92,10 @@ def test_evaluate_py_writes_results_csv_and_plot(script_run):
     assert results["timing"]["peak_memory_bytes"] > 0
     assert results["refused_edits"] == 0 and results["skipped_records"] == 0
     assert results["config"]["model"]["name"] == "tiny" and results["config"]["run_dir"] == str(run_dir)
-    assert results["editor"] == {"name": "training_free", "checkpoint": None,
-                                 "class": "rledit.editors.training_free.TrainingFreeEditor"}
+    editor = results["editor"]
+    assert {key: editor[key] for key in ("name", "checkpoint", "class")} == {
+        "name": "training_free", "checkpoint": None, "class": "rledit.editors.training_free.TrainingFreeEditor"}
+    assert editor["statistics"]["num_tokens"] > 0  # the default editor keeps preserved knowledge: it says whose
 
     with (run_dir / "per_step.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -118,8 +120,8 @@ def test_an_editor_checkpoint_is_evaluated_in_place_of_the_configured_editor(sma
     checkpoint = tmp_path / "editor.ckpt"
     torch.save(editor_checkpoint(build_editor(cfg, experiment), cfg), checkpoint)
     results = run_in_process([*small_world, f"checkpoint={checkpoint}", "editor=mend", f"run_dir={tmp_path / 'run'}"])
-    assert results["editor"] == {"name": "training_free", "checkpoint": str(checkpoint),
-                                 "class": "rledit.editors.training_free.TrainingFreeEditor"}
+    assert {key: results["editor"][key] for key in ("name", "checkpoint", "class")} == {
+        "name": "training_free", "checkpoint": str(checkpoint), "class": "rledit.editors.training_free.TrainingFreeEditor"}
     assert results["metrics"] == reference["metrics"]
 
 
@@ -242,7 +244,9 @@ def test_saved_edited_model_reloads_with_the_same_efficacy_and_reverts_exactly(s
 def test_save_edited_refuses_an_existing_folder_and_leaves_nothing_half_written(small_world, tmp_path, monkeypatch):
     cfg = compose_config([*small_world, f"run_dir={tmp_path / 'run'}"])
     experiment = build_experiment(cfg)
-    session = EditSession(experiment.model, experiment.editable, build_editor(cfg, experiment))
+    editor = build_editor(cfg, experiment)
+    set_up_editor(cfg, experiment, editor)
+    session = EditSession(experiment.model, experiment.editable, editor)
     session.edit(experiment.collator(experiment.data.eval[:2]).edit)
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="taken already exists"):
