@@ -50,6 +50,7 @@ from rledit.pipeline import (
     build_experiment,
     checkpoint_editor_class,
     checkpoint_experiment,
+    set_up_editor,
 )
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
         experiment = build_experiment(cfg)
         editor = build_editor(cfg, experiment)
         editor_label = f"editor={args.editor} ({'untrained' if editor.trainable else 'training-free'})"
+    set_up_editor(cfg, experiment, editor)
     session = EditSession(experiment.model, experiment.editable, editor)
     device = experiment.device
     history, timed = (experiment.collator(step).edit.to(device)

@@ -38,7 +38,7 @@ from harness import MiB, compose_config
 from rledit.editing.losses import forward_logits
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.scoring import RequestScorer
-from rledit.pipeline import build_editor, build_experiment
+from rledit.pipeline import build_editor, build_experiment, set_up_editor
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
 
@@ -119,7 +119,9 @@ def long_run(steps: int = 100, edits_per_step: int = 20, threads: int = 1,
     cfg = compose_config("evaluate", ["model.load.progress=false", *(overrides or [])])
     with cpu_threads(threads):
         experiment = build_experiment(cfg)
-        session = MeteredSession(experiment.model, experiment.editable, build_editor(cfg, experiment))
+        editor = build_editor(cfg, experiment)
+        set_up_editor(cfg, experiment, editor)
+        session = MeteredSession(experiment.model, experiment.editable, editor)
         scorer = RequestScorer(experiment.model, cfg.eval_batch_size, experiment.collator, generation=False)
         records = experiment.data.train + experiment.data.eval
         protocol = Protocol(steps, edits_per_step, seed=cfg.seed, eval_batch_size=cfg.eval_batch_size)

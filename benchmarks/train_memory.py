@@ -34,7 +34,7 @@ import torch
 from harness import ROOT, LiveTensorMemory, MiB, compose_config, default_data, synchronize
 from hydra.utils import instantiate
 
-from rledit.pipeline import build_editor, build_experiment
+from rledit.pipeline import build_editor, build_experiment, set_up_editor
 from rledit.threads import cpu_threads
 from rledit.training.module import EditorTrainer, FrozenTarget
 
@@ -97,6 +97,7 @@ def measure(overrides: list[str], timed_steps: int, threads: int | None) -> dict
         L.seed_everything(cfg.seed)
         experiment = build_experiment(cfg)
         editor = build_editor(cfg, experiment)
+        set_up_editor(cfg, experiment, editor)
         objective = instantiate(cfg.editor.objective)
         probe = StepProbe(timed_steps)
         datamodule = instantiate(cfg.datamodule, _partial_=True)(
