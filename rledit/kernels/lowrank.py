@@ -7,9 +7,12 @@ only when it is used, so CPU-only installs never need Triton.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from rledit.errors import ConfigError, KernelInputError
+from rledit.threads import cpu_threads
 
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,7 +42,9 @@ def torch_lowrank_update_(master: torch.Tensor, weight: torch.Tensor | None, P: 
     """PyTorch path: one in-place fp32 GEMM with beta=1, so BLAS accumulates straight into master.
 
     Only the (N x d) factors are copied, never a d_out x d_in update. (Row blocks, so that the cast reads
-    a block while it is still in cache, were tried on CPU and were not faster.)
+    a block while it is still in cache, were tried on CPU and were not faster.) On a CPU the GEMM runs on
+    one thread: BLAS may split it differently for another thread count and round differently, and saved
+    edits replayed in another process must give the weights they gave when committed.
     """
     if row_mask is not None:
         # Indexing drops the masked rows, so padding (even NaN) never enters the product.
@@ -48,7 +53,8 @@ def torch_lowrank_update_(master: torch.Tensor, weight: torch.Tensor | None, P: 
     P = P.to(torch.float32)
     if scale is not None:
         P = P * scale.to(torch.float32)[:, None]
-    master.addmm_(P.T, Q.to(torch.float32), beta=1.0, alpha=alpha)
+    with cpu_threads(1) if master.device.type == "cpu" else nullcontext():
+        master.addmm_(P.T, Q.to(torch.float32), beta=1.0, alpha=alpha)
     if weight is not None:
         weight.copy_(master)
 
