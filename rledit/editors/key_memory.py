@@ -35,8 +35,7 @@ class KeyMemory:
         """The weighted Gram of the committed keys and of the earlier rounds of the update being predicted."""
         gram = self.gram.get(name)
         if name in self.pending:
-            keys = self.pending[name].float()
-            gram = (0 if gram is None else gram) + self.weight * keys.T @ keys
+            gram = (0 if gram is None else gram) + self._weighted_gram(self.pending[name])
         return gram
 
     def commit(self) -> None:
@@ -57,5 +56,8 @@ class KeyMemory:
     def _add(self, step: dict[str, torch.Tensor]) -> None:
         """Fold one step's keys into the weighted Gram matrices."""
         for name, keys in step.items():
-            keys = keys.float()
-            self.gram[name] = self.gram.get(name, 0) + self.weight * keys.T @ keys
+            self.gram[name] = self.gram.get(name, 0) + self._weighted_gram(keys)
+
+    def _weighted_gram(self, keys: torch.Tensor) -> torch.Tensor:
+        keys = keys.float()
+        return self.weight * keys.T @ keys
