@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from rledit.errors import ConfigError
 from rledit.threads import cpu_threads
-from rledit.training.command import train, validation_length
+from rledit.training.command import keep_best, train, validation_length
+from rledit.training.module import StartingEditor
 from tests.test_robustness_resume import REPO, TRAIN_OVERRIDES, editor_state
 
 
@@ -28,9 +30,41 @@ def test_editor_checkpoint_holds_the_kept_editor(small_world_model, tmp_path, ke
     with cpu_threads(1):
         saved = editor_state(train(cfg))
     (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
-    kept = lightning_editor_state(best if keep == "best" else tmp_path / "checkpoints" / "last.ckpt")
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    start = last["starting_editor"]  # validated before the first optimizer step
+    best_score = float(torch.load(best, map_location="cpu", weights_only=True)["callbacks"][
+        next(k for k in last["callbacks"] if "val/score" in k and "max" in k)]["best_model_score"])
+    if keep == "last":
+        kept = lightning_editor_state(tmp_path / "checkpoints" / "last.ckpt")
+    else:
+        kept = start["state"] if start["score"] > best_score else lightning_editor_state(best)
     assert saved.keys() == kept.keys()
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
+
+
+class _Trainer(torch.nn.Module):
+    """What keep_best needs of an EditorTrainer: an editor child and the starting editor."""
+
+    def __init__(self):
+        super().__init__()
+        self.editor = torch.nn.Linear(3, 2)
+        self.start = StartingEditor(0.5, {k: v.clone() for k, v in self.editor.state_dict().items()})
+        with torch.no_grad():
+            self.editor.weight.add_(1.0)  # "trained"
+
+
+@pytest.mark.parametrize("best_score", [None, 0.4, 0.6])
+def test_keep_best_hands_back_the_starting_editor_unless_an_epoch_beat_it(tmp_path, best_score):
+    module = _Trainer()
+    best_epoch = {k: v + 7.0 for k, v in module.state_dict().items()}
+    path = tmp_path / "best-epoch=0.ckpt"
+    torch.save({"state_dict": best_epoch}, path)
+    best = SimpleNamespace(best_model_path=str(path) if best_score is not None else "",
+                           best_model_score=torch.tensor(best_score if best_score is not None else 0.0))
+    keep_best(module, best)
+    expected = module.start.state if best_score in (None, 0.4) else \
+        {k.removeprefix("editor."): v for k, v in best_epoch.items()}
+    assert all(torch.equal(module.editor.state_dict()[k], expected[k]) for k in expected)
 
 
 def test_an_unknown_keep_option_is_named(small_world_model, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.atomic_write import partial_path
 from rledit.errors import ConfigError
 from rledit.pipeline import build_editor, build_experiment, editor_checkpoint, set_up_editor
-from rledit.training.module import FrozenTarget
+from rledit.training.module import EditorTrainer, FrozenTarget
 from rledit.training.rollout import Objective
 
 
@@ -50,10 +52,12 @@ def train(cfg: DictConfig) -> Path:
                           callbacks=list(callbacks.values()))
     # The training stream is checkpointed with its position (EditStreamDataModule's loader), so resuming
     # from any checkpoint, mid-epoch included, continues exactly where the interrupted run was.
+    if cfg.resume is None:  # the curve's first point, and the editor training has to beat
+        (scores,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        module.remember_start(scores["val/score"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
-    if training.keep == "best" and best.best_model_path:
-        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
-        print(f"keeping the editor of {best.best_model_path} (validation score {float(best.best_model_score):.4f})")
+    if training.keep == "best":
+        keep_best(module, best)
     path = run_dir / "editor.ckpt"
     if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
         partial = partial_path(path)
@@ -61,6 +65,20 @@ def train(cfg: DictConfig) -> Path:
         os.replace(partial, path)
         print(f"editor checkpoint: {path}")
     return path
+
+
+def keep_best(module: EditorTrainer, best: ModelCheckpoint) -> None:
+    """Load the editor of the best validation score into `module`: the best epoch's, or the starting editor's
+    when no epoch beat it (training that only made the editor worse hands back the editor it started from)."""
+    start = module.start
+    trained = float(best.best_model_score) if best.best_model_path else -math.inf
+    if start is not None and start.score > trained:
+        module.editor.load_state_dict(start.state)
+        print(f"no epoch beat the starting editor's validation score ({start.score:.4f} against {trained:.4f}): "
+              f"keeping the starting editor")
+    elif best.best_model_path:
+        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+        print(f"keeping the editor of {best.best_model_path} (validation score {trained:.4f})")
 
 
 def validation_length(cfg: DictConfig, n_train: int, n_eval: int, sequence_length: int) -> int:

@@ -57,6 +57,14 @@ class FrozenTarget:
 VALIDATION_SCORE = ("efficacy", "generalization", "specificity_agreement")
 
 
+@dataclass
+class StartingEditor:
+    """The editor's state before any optimizer step, and its validation score."""
+
+    score: float
+    state: dict[str, torch.Tensor]
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -114,6 +122,7 @@ class EditorTrainer(L.LightningModule):
         self.skipped_steps = 0
         self.pooling: StatisticsPooling | None = None  # set at fit start when there are several processes
         self.kept_statistics: dict[str, torch.Tensor] = {}  # editor buffers as of the last optimizer step
+        self.start: StartingEditor | None = None  # the editor before training, if validated (remember_start)
 
     def configure_optimizers(self):
         return torch.optim.Adam([p for p in self.editor.parameters() if p.requires_grad], lr=self.lr)
@@ -121,10 +130,15 @@ class EditorTrainer(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.target.model.to(self.device)
 
-    def on_fit_start(self) -> None:
+    def calibrate(self) -> None:
         """Calibrate step sizes on the first usable batch of one fixed training sequence, so every process
-        starts from the same editor; a batch whose factors give no usable step size is passed over."""
-        if self.editor.needs_calibration:
+        starts from the same editor; a batch whose factors give no usable step size is passed over. In train
+        mode whichever hook calls it (validation runs in eval mode), so the normalizers observe that batch."""
+        if not self.editor.needs_calibration:
+            return
+        mode = self.editor.training
+        self.editor.train()
+        try:
             refusals = []
             for batch in self.trainer.datamodule.train_sequences[0]:
                 try:
@@ -136,6 +150,19 @@ class EditorTrainer(L.LightningModule):
             else:
                 raise EditRefusedError("no batch of the first training sequence calibrates the editor: "
                                        + "; ".join(refusals))
+        finally:
+            self.editor.train(mode)
+
+    def remember_start(self, score: float) -> None:
+        """Hold the starting (untrained) editor and its validation score: `training.keep=best` keeps it when
+        no epoch of training beats it. Checkpointed, so a resumed run knows it too."""
+        self.start = StartingEditor(score, {k: v.detach().clone() for k, v in self.editor.state_dict().items()})
+
+    def on_validation_start(self) -> None:
+        self.calibrate()  # the starting editor is validated before fit: calibrated as training would
+
+    def on_fit_start(self) -> None:
+        self.calibrate()
         if _world_size() > 1:  # DDP: each process observes its own rows (see StatisticsPooling)
             normalizers = [m for m in self.editor.modules() if isinstance(m, RunningNormalizer)]
             self.pooling = StatisticsPooling(normalizers)
@@ -143,9 +170,13 @@ class EditorTrainer(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.start is not None:
+            checkpoint["starting_editor"] = {"score": self.start.score, "state": self.start.state}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        start = checkpoint.get("starting_editor")
+        self.start = StartingEditor(start["score"], start["state"]) if start is not None else None
 
     def training_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
         optimizer = self.optimizers()
