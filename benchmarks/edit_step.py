@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from harness import compose_config, default_data, synchronize
+from harness import ONE_ROUND_RLEDIT, compose_config, default_data, synchronize
 from omegaconf import DictConfig
 
 from rledit.data.collate import TokenizedBatch
@@ -204,7 +204,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="tiny", help="a config in configs/model (default: tiny)")
     parser.add_argument("--data", default=None,
                         help="a config in configs/data (default: synthetic for tiny, counterfact otherwise)")
-    parser.add_argument("--editor", default="rledit", help="a config in configs/editor (default: rledit, untrained)")
+    parser.add_argument("--editor", default="rledit",
+                        help="a config in configs/editor (default: rledit, untrained, one round without the prior)")
     parser.add_argument("--checkpoint", default=None, help="a trained editor.ckpt (overrides --editor)")
     parser.add_argument("--edits", type=int, default=10, help="edit requests in the batch (default 10)")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (default 9)")
@@ -229,6 +230,9 @@ def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
         experiment = build_experiment(cfg)
         editor = build_editor(cfg, experiment)
         editor_label = f"editor={args.editor} ({'untrained' if editor.trainable else 'training-free'})"
+    if getattr(editor, "rounds", 1) != 1:
+        raise SystemExit(f"edit_step times the phases of one capture-and-solve round; the editor runs "
+                         f"{editor.rounds}: add editor.build.rounds=1")
     set_up_editor(cfg, experiment, editor)
     session = EditSession(experiment.model, experiment.editable, editor)
     device = experiment.device
@@ -247,8 +251,9 @@ def run(args: argparse.Namespace, cfg: DictConfig, data: str) -> float:
 def main() -> None:
     args = parse_args()
     data = args.data or default_data(args.model)
+    one_step = ONE_ROUND_RLEDIT if args.editor == "rledit" and not args.checkpoint else []
     cfg = compose_config("evaluate", [f"model={args.model}", f"data={data}", f"editor={args.editor}",
-                                      f"seed={args.seed}", *args.overrides])
+                                      f"seed={args.seed}", *one_step, *args.overrides])
     with cpu_threads(args.threads or cfg.cpu_threads):
         ratio = run(args, cfg, data)
     if args.fail_over_limit and ratio > LIMIT:

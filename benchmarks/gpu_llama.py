@@ -5,7 +5,7 @@
 
 The model is built from its configuration (no download): LlamaConfig with Llama-3-8B's sizes (32 layers,
 hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocabulary 128256), random weights in bf16, about 16 GB.
-The untrained RLEdit editor of configs/editor/rledit.yaml edits the layers of
+The untrained RLEdit editor of configs/editor/rledit.yaml, one round without the prior, edits the layers of
 configs/model/llama3-8b-instruct.yaml (gate_proj 11-15, up_proj 18-24: 12 modules of 4096 -> 14336).
 Prompts and targets are random tokens (timing does not depend on what they say); one batch is edited
 first and stays committed, as in benchmarks/edit_step.py. It prints markdown:
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from edit_step import markdown_table, measure, timed_end_to_end
-from harness import compose_config, format_bytes, peak_bytes_of
+from harness import ONE_ROUND_RLEDIT, compose_config, format_bytes, peak_bytes_of
 from hydra.utils import instantiate
 from kernel import fused_and_matmul_seconds
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -73,8 +73,8 @@ def random_edit_batch(edits: int, prompt_tokens: int, target_tokens: int, vocab_
 
 
 def build_session(size: Size, device: torch.device) -> EditSession:
-    """The random-weight bf16 model, frozen, with the untrained RLEdit editor on its edited layers."""
-    cfg = compose_config("train", ["model=llama3-8b-instruct", "editor=rledit"])
+    """The random-weight bf16 model, frozen, with the untrained one-round RLEdit editor on its edited layers."""
+    cfg = compose_config("train", ["model=llama3-8b-instruct", "editor=rledit", *ONE_ROUND_RLEDIT])
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(size.config, dtype=torch.bfloat16)
     freeze(model)

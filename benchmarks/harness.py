@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so that scripts importing this module find rledit in a checkout
 
 MiB = 2**20
+# The edit step sections 1 and 4 time: RLEdit with one capture and one ridge solve, without preserved-knowledge
+# statistics (the editor's default runs 10 rounds under MEMIT's prior).
+ONE_ROUND_RLEDIT = ["editor.build.rounds=1", "editor.build.preserve_weight=0"]
 
 
 def format_bytes(n: float) -> str:
