@@ -69,6 +69,11 @@ def concat_updates(first: FactoredUpdate, second: FactoredUpdate) -> FactoredUpd
     return {**first, **{name: concat(first.get(name), update) for name, update in second.items()}}
 
 
+def row_clamp_factors(rows: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """(N, 1) factors that scale each row of `rows` down to norm `limits` (N or N x 1) where it is longer."""
+    return (limits.reshape(-1, 1) / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+
+
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The labels of `tensors` that hold a NaN or an inf (one host sync for all of them)."""
     if not tensors:

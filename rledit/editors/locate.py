@@ -37,7 +37,7 @@ from rledit.data.collate import IGNORE_INDEX, TokenizedBatch, pad_right
 from rledit.data.text import sampled_token_rows
 from rledit.editing.functional import functional_update
 from rledit.editing.losses import output_logits
-from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite
+from rledit.editing.update import FactoredUpdate, ModuleUpdate, refuse_non_finite, row_clamp_factors
 from rledit.editors.base import EditContext, Editor
 from rledit.editors.key_memory import KeyMemory
 from rledit.errors import ConfigError, DataError
@@ -252,8 +252,7 @@ class LocateEditor(Editor):
                 optimizer.step()
                 with torch.no_grad():
                     delta[~active] = frozen
-                    limit = o["clamp_norm"] * h_norm[:, None]
-                    delta.mul_((limit / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+                    delta.mul_(row_clamp_factors(delta, o["clamp_norm"] * h_norm))
         return h + delta.detach()
 
     # --- step 2: keys and current outputs ----------------------------------------------------------------

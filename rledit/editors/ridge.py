@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from rledit.editing.update import ModuleUpdate
+from rledit.editing.update import ModuleUpdate, row_clamp_factors
 from rledit.editors.base import EditContext
 from rledit.editors.hypernet_editor import HypernetEditor
 from rledit.editors.key_memory import KeyMemory
@@ -26,6 +26,9 @@ class RidgeEditor(HypernetEditor):
     knowledge, from the statistics `setup` receives: `preserve_weight` > 0 adds MEMIT's prior (that weight
     times C = E[k k^T] over generic text: the solve keeps the outputs of that many generic tokens as it
     keeps one edit's), `nullspace_threshold` confines every update to AlphaEdit's null space of C.
+    `clamp_norm` bounds each token's value shift by that multiple of its output's norm (MEMIT's clamp): the
+    step size is set for the median token, and one token with an outsized gradient could otherwise write a
+    shift many times its output into the weights.
     """
 
     net_kind = "ridge"
@@ -34,15 +37,17 @@ class RidgeEditor(HypernetEditor):
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
                  init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0,
                  norm_per_sequence: bool = False, preserve_weight: float = 0.0,
-                 nullspace_threshold: float | None = None, threshold_kind: str = "relative", rounds: int = 1):
+                 nullspace_threshold: float | None = None, threshold_kind: str = "relative", rounds: int = 1,
+                 clamp_norm: float | None = None):
         super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
                          norm_per_sequence, rounds)
-        if preserve_weight < 0 or (nullspace_threshold is not None and nullspace_threshold <= 0):
-            raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0 and "
-                              f"nullspace_threshold={nullspace_threshold} > 0 or null")
+        if preserve_weight < 0 or any(v is not None and v <= 0 for v in (nullspace_threshold, clamp_norm)):
+            raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0, "
+                              f"nullspace_threshold={nullspace_threshold} and clamp_norm={clamp_norm} > 0 or null")
         check_threshold_kind(threshold_kind, "ridge editor threshold_kind")
         self.hparams.update(init_ridge=init_ridge, edit_memory=edit_memory, preserve_weight=preserve_weight,
-                            nullspace_threshold=nullspace_threshold, threshold_kind=threshold_kind)
+                            nullspace_threshold=nullspace_threshold, threshold_kind=threshold_kind,
+                            clamp_norm=clamp_norm)
         self.key_memory = KeyMemory(edit_memory) if edit_memory > 0 else None
         self.priors: dict[str, torch.Tensor] = {}      # preserve_weight x C, per module (from setup)
         self.projectors: dict[str, torch.Tensor] = {}  # null-space projectors, per module (from setup)
@@ -90,13 +95,16 @@ class RidgeEditor(HypernetEditor):
 
     def aggregate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> ModuleUpdate:
         coeffs = -self.bank.log_eta(name).exp() * self.shift_coefficients(f.keys, keys_t)
+        shifts = coeffs[:, None] * grads_t
+        if self.hparams["clamp_norm"] is not None:
+            shifts = shifts * row_clamp_factors(shifts.detach(), self.hparams["clamp_norm"] * f.output_norms)
         memory = None
         if self.key_memory is not None:
             memory = self.key_memory.regulariser(name)
             self.key_memory.propose(name, f.keys)
         if self.preserves_knowledge and not (self.priors or self.projectors):
             raise ConfigError("the ridge editor preserves knowledge from statistics: setup(context) must run first")
-        return ridge_update(f.keys, coeffs[:, None] * grads_t, self.bank.log_lambda(name).exp(), memory=memory,
+        return ridge_update(f.keys, shifts, self.bank.log_lambda(name).exp(), memory=memory,
                             prior=self.priors.get(name), projector=self.projectors.get(name))
 
     def start_update(self) -> None:
