@@ -84,6 +84,25 @@ def test_the_cache_is_reused_and_keyed_by_source_and_token_count(small_world_mod
     assert len(list((tmp_path / "statistics").iterdir())) == 3
 
 
+def test_no_token_count_averages_every_token_of_the_source(small_world_model, modules, text_file, tmp_path):
+    model, tokenizer = small_world_model.model, small_world_model.tokenizer
+    texts = list(TextFile(str(text_file)).texts(model, tokenizer, ()))
+    total = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    unbounded = PreservedStatistics(TextFile(str(text_file)), num_tokens=None, cache_dir=str(tmp_path / "a"),
+                                    progress=False)
+    every = unbounded.second_moments(model, tokenizer, modules)
+    assert unbounded.describe()["tokens"] == total
+    unbounded.second_moments(model, tokenizer, modules)
+    assert unbounded.describe()["computed_now"] == [] and unbounded.describe()["tokens"] == total  # from the cache
+    counted = PreservedStatistics(TextFile(str(text_file)), num_tokens=total, cache_dir=str(tmp_path / "b"),
+                                  progress=False).second_moments(model, tokenizer, modules)
+    fewer = PreservedStatistics(TextFile(str(text_file)), num_tokens=total - 50, cache_dir=str(tmp_path / "c"),
+                                progress=False).second_moments(model, tokenizer, modules)
+    for name in modules:
+        torch.testing.assert_close(every[name], counted[name], rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(every[name], fewer[name], rtol=1e-4, atol=1e-5)
+
+
 def test_sampled_text_is_seeded(small_world_model):
     model, tokenizer = small_world_model.model, small_world_model.tokenizer
     source = SampledText(num_texts=6, length=8, seed=1)

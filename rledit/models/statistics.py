@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,11 +37,11 @@ class _Enough(Exception):
 
 
 def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module],
-                              batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
+                              batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_tokens: int | None,
                               accumulate: torch.dtype = torch.float64,
                               progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """sum_k k k^T / count over the first `num_tokens` non-padding tokens of `batches` ((input_ids,
-    attention_mask) pairs), for every module's input. Returns the fp32 means and the token count."""
+    attention_mask) pairs; None: all of them), for every module's input. Returns the fp32 means and the token count."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     mask_now: list[torch.Tensor] = []
@@ -62,8 +63,8 @@ def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module]
                                disable=not progress) as bar:
         for input_ids, attention_mask in batches:  # a lazy source (the model's own samples) runs here, unhooked
             mask = attention_mask.bool()
-            room = num_tokens - count
-            if int(mask.sum()) > room:  # keep exactly num_tokens: the first ones, row-major
+            room = None if num_tokens is None else num_tokens - count
+            if room is not None and int(mask.sum()) > room:  # keep exactly num_tokens: the first ones, row-major
                 mask = mask & (mask.reshape(-1).cumsum(0) <= room).reshape(mask.shape)
             mask_now[:] = [mask.to(device)]
             fired.clear()
@@ -78,7 +79,7 @@ def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module]
             taken = int(mask.sum())
             count += taken
             bar.update(taken)
-            if count >= num_tokens:
+            if num_tokens is not None and count >= num_tokens:
                 break
     if count == 0:
         raise ConfigError("the statistics' text source gave no tokens")
@@ -124,13 +125,14 @@ def model_fingerprint(model: nn.Module) -> str:
 class PreservedStatistics:
     """Computes, caches and hands out the second moments of edited modules' inputs.
 
-    `source` is a text source of rledit.data.text; `num_tokens` how many tokens to average over.
+    `source` is a text source of rledit.data.text; `num_tokens` how many tokens to average over (None: every
+    token the source gives, for finite text such as the training records).
     """
 
-    def __init__(self, source, num_tokens: int = 100_000, batch_size: int = 16, max_length: int = 256,
+    def __init__(self, source, num_tokens: int | None = 100_000, batch_size: int = 16, max_length: int = 256,
                  accumulate: str = "float64", cache_dir: str | None = None, progress: bool = True,
                  records: Sequence[EditRecord] = ()):
-        if num_tokens < 1 or batch_size < 1 or max_length < 2:
+        if (num_tokens is not None and num_tokens < 1) or batch_size < 1 or max_length < 2:
             raise ConfigError(f"stats: num_tokens, batch_size must be >= 1 and max_length >= 2, got "
                               f"{num_tokens}, {batch_size}, {max_length}")
         if accumulate not in ACCUMULATE_DTYPES:
@@ -151,23 +153,25 @@ class PreservedStatistics:
         folder = self.cache_dir / self._key(model)
         found = {name: self._read(folder / f"{name}.safetensors") for name in modules}
         missing = {name: modules[name] for name, value in found.items() if value is None}
+        tokens = {value[1] for value in found.values() if value is not None}
         started = time.perf_counter()
         if missing:
             texts = self.source.texts(model, tokenizer, self.records)
             batches = token_batches(texts, tokenizer, self.batch_size, self.max_length)
             computed, count = accumulate_second_moments(model, missing, batches, self.num_tokens,
                                                         ACCUMULATE_DTYPES[self.accumulate], self.progress)
-            if count < self.num_tokens:
+            if self.num_tokens is not None and count < self.num_tokens:
                 raise ConfigError(f"stats: the text source gave only {count} tokens, fewer than "
                                   f"stats.num_tokens={self.num_tokens}")
             folder.mkdir(parents=True, exist_ok=True)
             for name, matrix in computed.items():
-                self._write(folder / f"{name}.safetensors", matrix)
-                found[name] = matrix
-        self.computed = {"cache": str(folder), "computed_now": sorted(missing),
+                self._write(folder / f"{name}.safetensors", matrix, count)
+                found[name] = matrix, count
+            tokens.add(count)
+        self.computed = {"cache": str(folder), "computed_now": sorted(missing), "tokens": min(tokens),
                          "seconds": round(time.perf_counter() - started, 3)}
         device = next(model.parameters()).device
-        return {name: found[name].to(device) for name in modules}
+        return {name: found[name][0].to(device) for name in modules}
 
     def _key(self, model: nn.Module) -> str:
         identity = {"format": STATISTICS_FORMAT, "model": model_fingerprint(model),
@@ -175,12 +179,16 @@ class PreservedStatistics:
                     "max_length": self.max_length, "accumulate": self.accumulate}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
-    @staticmethod
-    def _read(path: Path) -> torch.Tensor | None:
-        return load_file(str(path))["second_moment"] if path.is_file() else None
+    def _read(self, path: Path) -> tuple[torch.Tensor, int] | None:
+        """The cached C and the token count it averages (caches written before the count was kept: num_tokens)."""
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as cached:
+            tokens = (cached.metadata() or {}).get("tokens")
+            return cached.get_tensor("second_moment"), int(tokens) if tokens else self.num_tokens
 
     @staticmethod
-    def _write(path: Path, matrix: torch.Tensor) -> None:
+    def _write(path: Path, matrix: torch.Tensor, tokens: int) -> None:
         staging = partial_path(path)
-        save_file({"second_moment": matrix.contiguous().cpu()}, str(staging))
+        save_file({"second_moment": matrix.contiguous().cpu()}, str(staging), metadata={"tokens": str(tokens)})
         os.replace(staging, path)
