@@ -173,6 +173,29 @@ def test_revert_is_bit_identical_after_100_commits(dtype):
     assert all(torch.equal(weights[n], originals[n]) for n in weights)
 
 
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_an_update_with_more_rows_than_the_weight_is_stored_dense_and_reverts_exactly(shape):
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(*shape, generator=g)
+    original = weight.clone()
+    ledger = UpdateLedger({"w": weight})
+    small = ModuleUpdate(0.01 * torch.randn(5, shape[0], generator=g), torch.randn(5, shape[1], generator=g))
+    tall = ModuleUpdate(0.01 * torch.randn(40, shape[0], generator=g), torch.randn(40, shape[1], generator=g),
+                        scale=torch.rand(40, generator=g), alpha=0.5,
+                        row_mask=torch.arange(40) % 7 != 0)
+    ledger.commit({"w": small})
+    after_small = weight.clone()
+    ledger.commit({"w": tall})
+    stored = ledger.updates[1]["w"]
+    assert stored.P.shape[0] == min(shape) < 40 and ledger.updates[0]["w"].P.shape[0] == 5
+    torch.testing.assert_close(weight, original + small.dense() + tall.dense(), rtol=1e-5, atol=1e-6)
+    ledger.revert(1)
+    assert torch.equal(weight, after_small)
+    ledger.commit({"w": tall})
+    ledger.revert()
+    assert torch.equal(weight, original)
+
+
 def test_bf16_weights_do_not_drift_through_the_fp32_master():
     weight = torch.randn(32, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
     reference = weight.double()

@@ -51,7 +51,7 @@ class UpdateLedger:
     def commit(self, update: FactoredUpdate) -> int:
         """Apply `update` to the weights and record it; returns its index. Refused updates change nothing."""
         self._validate(update)
-        stored = {name: _stored_copy(u, self._masters[name].device) for name, u in update.items()}
+        stored = {name: _stored_copy(u, self._masters[name]) for name, u in update.items()}
         self._apply(stored)
         self._updates.append(stored)
         return len(self._updates) - 1
@@ -123,12 +123,23 @@ class UpdateLedger:
                                       u.alpha, u.row_mask, backend=self.backend)
 
 
-def _stored_copy(update: ModuleUpdate, device: torch.device) -> ModuleUpdate:
-    """Private fp32 copies of the factors on the weights' device, masked rows folded into the scale."""
-    def own(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device, torch.float32, copy=True)
+def _stored_copy(update: ModuleUpdate, master: torch.Tensor) -> ModuleUpdate:
+    """Private fp32 copies of the factors on the weights' device, masked rows folded into the scale.
 
-    return ModuleUpdate(own(update.P), own(update.Q), own(update.masked_scale()), float(update.alpha))
+    An update with more rows than the weight's smaller side (many rounds, long batches) is stored as its dense
+    product factored through an identity, which is then smaller; the ledger replays what it stored, so reverts
+    stay bit-exact."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(master.device, torch.float32, copy=True)
+
+    P, Q, scale = own(update.P), own(update.Q), own(update.masked_scale())
+    d_out, d_in = master.shape
+    if P.shape[0] > min(d_out, d_in):
+        dense = (P.T * scale) @ Q
+        identity = torch.eye(min(d_out, d_in), device=master.device)
+        P, Q = (identity, dense) if d_out <= d_in else (dense.T.contiguous(), identity)
+        scale = torch.ones(identity.shape[0], device=master.device)
+    return ModuleUpdate(P, Q, scale, float(update.alpha))
 
 
 def load_updates(path: str | Path) -> list[FactoredUpdate]:
