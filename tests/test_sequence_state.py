@@ -69,6 +69,24 @@ def test_memory_reverts_exactly_and_ignores_refused_edits(ridge_edit_setup):
         session.revert()
 
 
+def test_a_step_with_more_keys_than_dimensions_is_kept_as_its_gram_and_reverts_exactly():
+    g = torch.Generator().manual_seed(0)
+    memory = KeyMemory(0.5)
+    after_two = None
+    for rows in (3, 40, 5, 60):  # narrow steps keep their keys, tall ones their Gram
+        memory.propose("m", torch.randn(rows, 8, generator=g))
+        memory.commit()
+        after_two = memory.gram["m"].clone() if len(memory.steps) == 2 else after_two
+    assert [type(step["m"]).__name__ for step in memory.steps] == ["Tensor", "StepGram", "Tensor", "StepGram"]
+    assert memory.steps[1]["m"].matrix.shape == (8, 8)
+    memory.revert(2)
+    assert torch.equal(memory.gram["m"], after_two)
+    keys = torch.randn(40, 8, generator=g)
+    memory.propose("m", keys)
+    memory.commit()
+    torch.testing.assert_close(memory.gram["m"], after_two + 0.5 * keys.T @ keys)
+
+
 def test_memory_weight_must_be_positive():
     with pytest.raises(ValueError, match="weight"):
         KeyMemory(0.0)

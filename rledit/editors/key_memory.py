@@ -8,18 +8,30 @@ each solve also keep the outputs at those keys: recursive least squares over the
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
+class StepGram(NamedTuple):
+    """A committed step's weighted key Gram, kept instead of its keys when it is the smaller of the two."""
+
+    matrix: torch.Tensor
+
+
 class KeyMemory:
-    """Per module: the keys of every committed step (for exact revert) and their weighted Gram matrix."""
+    """Per module: what every committed step wrote (for exact revert) and the weighted Gram matrix of it all.
+
+    A step is kept as its keys, or as its weighted Gram when it has more keys than they have dimensions (many
+    rounds or long batches on a narrow module); revert rebuilds the same sums either way.
+    """
 
     def __init__(self, weight: float):
         if weight <= 0:
             raise ValueError(f"key memory weight must be > 0, got {weight}")
         self.weight = weight
         self.pending: dict[str, torch.Tensor] = {}
-        self.steps: list[dict[str, torch.Tensor]] = []
+        self.steps: list[dict[str, torch.Tensor | StepGram]] = []
         self.gram: dict[str, torch.Tensor] = {}
 
     def propose(self, name: str, keys: torch.Tensor) -> None:
@@ -40,8 +52,9 @@ class KeyMemory:
 
     def commit(self) -> None:
         if self.pending:
-            self.steps.append(self.pending)
-            self._add(self.pending)
+            step = {name: self._compact(keys) for name, keys in self.pending.items()}
+            self.steps.append(step)
+            self._add(step)
         self.pending = {}
 
     def revert(self, k: int | None = None) -> None:
@@ -53,10 +66,14 @@ class KeyMemory:
         for step in self.steps:
             self._add(step)
 
-    def _add(self, step: dict[str, torch.Tensor]) -> None:
-        """Fold one step's keys into the weighted Gram matrices."""
-        for name, keys in step.items():
-            self.gram[name] = self.gram.get(name, 0) + self._weighted_gram(keys)
+    def _compact(self, keys: torch.Tensor) -> torch.Tensor | StepGram:
+        return StepGram(self._weighted_gram(keys)) if keys.shape[0] > keys.shape[1] else keys
+
+    def _add(self, step: dict[str, torch.Tensor | StepGram]) -> None:
+        """Fold one step into the weighted Gram matrices."""
+        for name, kept in step.items():
+            gram = kept.matrix if isinstance(kept, StepGram) else self._weighted_gram(kept)
+            self.gram[name] = self.gram.get(name, 0) + gram
 
     def _weighted_gram(self, keys: torch.Tensor) -> torch.Tensor:
         keys = keys.float()
