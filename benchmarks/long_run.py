@@ -8,9 +8,10 @@ Runs `run_lifelong` (the protocol of `evaluate.py`, final evaluation, generation
 tiny model's synthetic world, drawing the requests from both halves of its subjects (the evaluation half
 alone has fewer than 2,000). After every edit step it reads the process's resident set (RSS) and the
 bytes the ledger holds: the ledger keeps every committed update's factors (fp32), so that any edit can be
-reverted, and grows by design. Reported, against the state after the first hundred edits:
-  rss_growth   (RSS at the end - RSS after the first hundred edits - what the ledger grew by in between)
-               / RSS after the first hundred edits;
+reverted, and grows by design, as does the editor's key memory (each step's keys or their Gram, for the same
+reason). Reported, against the state after the first hundred edits:
+  rss_growth   (RSS at the end - RSS after the first hundred edits - what the ledger and the key memory grew
+               by in between) / RSS after the first hundred edits;
   time_ratio   median time per edit step (prediction and commit, evaluation excluded) over the last
                hundred edits / over the first hundred, each step's time taken relative to a plain forward
                pass of the same batch timed right after it. On a machine shared with other jobs the
@@ -55,7 +56,7 @@ def resident_bytes() -> int:
 
 class MeteredSession(EditSession):
     """An edit session that records, for every edit step, its wall and CPU time and the CPU time of a
-    reference forward pass of the same batch, then RSS and the ledger's bytes."""
+    reference forward pass of the same batch, then RSS, the ledger's bytes and the key memory's."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,6 +65,7 @@ class MeteredSession(EditSession):
         self.reference_seconds: list[float] = []
         self.rss: list[int] = []
         self.ledger_bytes: list[int] = []
+        self.key_memory_bytes: list[int] = []
 
     def edit(self, batch):
         wall_started, started = time.perf_counter(), time.process_time()
@@ -79,6 +81,9 @@ class MeteredSession(EditSession):
             self.rss.append(resident_bytes())
             self.ledger_bytes.append(sum(t.nbytes for update in self.ledger.updates for u in update.values()
                                          for t in (u.P, u.Q, u.scale) if t is not None))
+            memory = getattr(self.editor, "key_memory", None)
+            self.key_memory_bytes.append(0 if memory is None else sum(
+                getattr(kept, "matrix", kept).nbytes for step in memory.steps for kept in step.values()))
 
 
 @dataclass
@@ -90,8 +95,9 @@ class LongRunReport:
     rss_end_mib: float
     ledger_after_first_hundred_mib: float
     ledger_end_mib: float
+    key_memory_end_mib: float
     rss_growth: float
-    """RSS growth from the first hundred edits to the end, less the ledger's own growth, as a fraction."""
+    """RSS growth from the first hundred edits to the end, less the ledger's and key memory's, as a fraction."""
     first_hundred_step_cpu_seconds: float
     last_hundred_step_cpu_seconds: float
     time_ratio: float
@@ -135,13 +141,14 @@ def long_run(steps: int = 100, edits_per_step: int = 20, threads: int = 1,
         return statistics.median(values[-window:]) / statistics.median(values[:window])
 
     rss_grown = session.rss[last] - session.rss[first]
-    ledger_grown = session.ledger_bytes[last] - session.ledger_bytes[first]
+    kept_grown = (session.ledger_bytes[last] - session.ledger_bytes[first]
+                  + session.key_memory_bytes[last] - session.key_memory_bytes[first])
     return LongRunReport(
         steps=steps, edits_per_step=edits_per_step, refused_edits=result.refused_edits,
         rss_after_first_hundred_mib=session.rss[first] / MiB, rss_end_mib=session.rss[last] / MiB,
         ledger_after_first_hundred_mib=session.ledger_bytes[first] / MiB,
-        ledger_end_mib=session.ledger_bytes[last] / MiB,
-        rss_growth=(rss_grown - ledger_grown) / session.rss[first],
+        ledger_end_mib=session.ledger_bytes[last] / MiB, key_memory_end_mib=session.key_memory_bytes[last] / MiB,
+        rss_growth=(rss_grown - kept_grown) / session.rss[first],
         first_hundred_step_cpu_seconds=statistics.median(cpu[:window]),
         last_hundred_step_cpu_seconds=statistics.median(cpu[-window:]),
         time_ratio=last_over_first(relative), cpu_time_ratio=last_over_first(cpu),

@@ -11,6 +11,7 @@ from rledit.editing.ledger import UpdateLedger
 from rledit.editing.update import FactoredUpdate
 from rledit.editors.base import Editor
 from rledit.errors import EditRefusedError
+from rledit.heap import release_free_heap
 from rledit.models.layers import EditableModule
 
 
@@ -50,6 +51,7 @@ class EditSession:
             self.editor.restore(editor_state)
             raise EditRefusedError(f"the editor's solve failed: {exc}") from exc
         self.editor.committed()
+        release_free_heap()
         return update
 
     def revert(self, k: int | None = None) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rledit"
 
 LAYERS = [  # bottom to top: a module may import its own layer and the layers below
-    ("foundation", ("rledit.errors", "rledit.atomic_write", "rledit.paths", "rledit.runtime", "rledit.threads")),
+    ("foundation", ("rledit.errors", "rledit.atomic_write", "rledit.paths", "rledit.runtime", "rledit.threads",
+                    "rledit.heap")),
     ("data", ("rledit.data",)),
     ("models and kernels", ("rledit.models", "rledit.kernels")),
     ("editing", ("rledit.editing",)),

@@ -37,7 +37,7 @@ def test_two_thousand_edits_keep_memory_and_step_time_flat():
 def test_step_time_counts_as_flat_only_if_one_ratio_is_within_the_limit():
     def report(referenced: float, cpu: float) -> LongRunReport:
         return LongRunReport(steps=10, edits_per_step=20, refused_edits=0, rss_after_first_hundred_mib=1.0,
-                             rss_end_mib=1.0, ledger_after_first_hundred_mib=0.0, ledger_end_mib=0.0,
+                             rss_end_mib=1.0, ledger_after_first_hundred_mib=0.0, ledger_end_mib=0.0, key_memory_end_mib=0.0,
                              rss_growth=0.0, first_hundred_step_cpu_seconds=1.0, last_hundred_step_cpu_seconds=1.0,
                              time_ratio=referenced, cpu_time_ratio=cpu, wall_time_ratio=cpu)
     assert report(1 + 1.5 * TIME_LIMIT, 0.97).time_is_flat
