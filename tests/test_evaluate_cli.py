@@ -95,7 +95,8 @@ def test_evaluate_py_writes_results_csv_and_plot(script_run):
     editor = results["editor"]
     assert {key: editor[key] for key in ("name", "checkpoint", "class")} == {
         "name": "training_free", "checkpoint": None, "class": "rledit.editors.training_free.TrainingFreeEditor"}
-    assert editor["statistics"]["num_tokens"] > 0  # the default editor keeps preserved knowledge: it says whose
+    assert editor["statistics"]["tokens"] > 0  # the default editor keeps preserved knowledge: it says whose
+    assert editor["statistics"]["source"]["kind"] == "records"  # the world's: its training subjects' facts
 
     with (run_dir / "per_step.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -288,8 +289,7 @@ def test_a_batch_size_sweep_edits_equal_totals_and_collects_into_one_table_and_p
     for editor, per_step, options in (("training_free", 2, []), ("training_free", 6, []),
                                       ("memit", 6, ["editor.build.z_steps=2"])):
         run_in_process([*small_world, f"editor={editor}", f"edits_per_step={per_step}", "total_edits=12",
-                        "metrics.generation=false", "stats.num_tokens=500", "stats.source.num_texts=40",
-                        f"stats.cache_dir={tmp_path / 'cache'}", *options,
+                        "metrics.generation=false", f"stats.cache_dir={tmp_path / 'cache'}", *options,
                         f"run_dir={tmp_path / 'sweep' / f'{editor}-{per_step}'}"])
     sweep.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "table")])
     with (tmp_path / "table" / "comparison.csv").open() as f:
