@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module]
     """sum_k k k^T / count over the first `num_tokens` non-padding tokens of `batches` ((input_ids,
     attention_mask) pairs; None: all of them), for every module's input. Returns the fp32 means and the token count."""
     device = next(model.parameters()).device
+    limit = math.inf if num_tokens is None else num_tokens
     sums: dict[str, torch.Tensor] = {}
     mask_now: list[torch.Tensor] = []
     fired: list[str] = []
@@ -63,8 +65,8 @@ def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module]
                                disable=not progress) as bar:
         for input_ids, attention_mask in batches:  # a lazy source (the model's own samples) runs here, unhooked
             mask = attention_mask.bool()
-            room = None if num_tokens is None else num_tokens - count
-            if room is not None and int(mask.sum()) > room:  # keep exactly num_tokens: the first ones, row-major
+            room = limit - count
+            if int(mask.sum()) > room:  # keep exactly num_tokens: the first ones, row-major
                 mask = mask & (mask.reshape(-1).cumsum(0) <= room).reshape(mask.shape)
             mask_now[:] = [mask.to(device)]
             fired.clear()
@@ -79,7 +81,7 @@ def accumulate_second_moments(model: nn.Module, modules: Mapping[str, nn.Module]
             taken = int(mask.sum())
             count += taken
             bar.update(taken)
-            if num_tokens is not None and count >= num_tokens:
+            if count >= limit:
                 break
     if count == 0:
         raise ConfigError("the statistics' text source gave no tokens")
@@ -153,7 +155,7 @@ class PreservedStatistics:
         folder = self.cache_dir / self._key(model)
         found = {name: self._read(folder / f"{name}.safetensors") for name in modules}
         missing = {name: modules[name] for name, value in found.items() if value is None}
-        tokens = {value[1] for value in found.values() if value is not None}
+        tokens = next((value[1] for value in found.values() if value is not None), None)  # one count per cache
         started = time.perf_counter()
         if missing:
             texts = self.source.texts(model, tokenizer, self.records)
@@ -167,8 +169,8 @@ class PreservedStatistics:
             for name, matrix in computed.items():
                 self._write(folder / f"{name}.safetensors", matrix, count)
                 found[name] = matrix, count
-            tokens.add(count)
-        self.computed = {"cache": str(folder), "computed_now": sorted(missing), "tokens": min(tokens),
+            tokens = count
+        self.computed = {"cache": str(folder), "computed_now": sorted(missing), "tokens": tokens,
                          "seconds": round(time.perf_counter() - started, 3)}
         device = next(model.parameters()).device
         return {name: found[name][0].to(device) for name in modules}
