@@ -25,6 +25,7 @@ from rledit.data.streams import EditStreamDataModule
 from rledit.editors.normalizer import RunningNormalizer
 from rledit.editors.ridge import RidgeEditor
 from rledit.models.layers import resolve_edit_modules
+from rledit.training.command import close_ranks
 from rledit.training.module import EditorTrainer, FrozenTarget, StatisticsPooling
 from rledit.training.rollout import Objective, rollout
 from tests.test_collate import build_word_tokenizer
@@ -113,7 +114,7 @@ def main(out: Path) -> None:
                                            "state": module.editor.state_dict()}
     results["pooled"] = pooled_statistics(trainer.global_rank)
     torch.save(results, out / f"rank{trainer.global_rank}.pt")
-    trainer.strategy.barrier()  # rank 0 exits only once every rank has written its results
+    close_ranks(trainer)  # rank 0 exits only once every rank has written its results
 
 
 def reference_training(normalize: bool, schedule: list[tuple[int, ...]]) -> tuple[dict, list[float]]:

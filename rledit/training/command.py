@@ -64,7 +64,16 @@ def train(cfg: DictConfig) -> Path:
         torch.save(editor_checkpoint(editor, cfg), partial)
         os.replace(partial, path)
         print(f"editor checkpoint: {path}")
+    close_ranks(trainer)
     return path
+
+
+def close_ranks(trainer: L.Trainer) -> None:
+    """Wait for every rank, then destroy the process group Lightning opened: a gloo group still alive when the
+    interpreter exits can abort the process (SIGABRT, "terminate called without an active exception")."""
+    trainer.strategy.barrier()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def keep_best(module: EditorTrainer, best: ModelCheckpoint) -> None:
