@@ -272,6 +272,24 @@ def test_validation_split_holds_out_training_subjects_only(small_world_model: Wo
     assert not held_out & {r.subject for r in small_edit_requests}
 
 
+@pytest.mark.parametrize("validation_fraction", [None, 0.25])
+def test_a_fixed_split_seed_keeps_each_sides_subjects_across_seeds(small_world_model: WorldModel,
+                                                                   validation_fraction):
+    collator = EditCollator(small_world_model.tokenizer)
+
+    def sides(**options):
+        data = synthetic_records(small_world_model, collator, validation_fraction=validation_fraction, **options)
+        return data, [{r.subject for r in records} for records in (data.train, data.eval)]
+
+    first, first_sides = sides(seed=0, split_seed=0)
+    other, other_sides = sides(seed=1, split_seed=0)
+    assert other_sides == first_sides
+    # another seed draws other requests of the same subjects: new objects or another order
+    assert [(r.subject, r.target_new) for r in other.eval] != [(r.subject, r.target_new) for r in first.eval]
+    _, reseeded_sides = sides(seed=1)  # no split_seed: the seed draws the split too
+    assert reseeded_sides != first_sides
+
+
 def test_second_load_reuses_the_cache_without_training(small_world_model: WorldModel, monkeypatch):
     report = small_world_model.path / "pretraining.json"
     written = report.stat().st_mtime_ns

@@ -26,20 +26,23 @@ class EditData:
 
 def synthetic_records(loaded: WorldModel, collator: EditCollator, eval_fraction: float = 0.5,
                       locality_per_request: int = 3, seed: int = 0, heldout_sentences: int = 200,
-                      validation_fraction: float | None = None) -> EditData:
+                      validation_fraction: float | None = None, split_seed: int | None = None) -> EditData:
     """Counterfactual requests on the synthetic world the model was pretrained on; subjects split train/eval.
 
     `validation_fraction` evaluates on that share of the *training* subjects instead (and trains on the rest),
-    so settings can be chosen without looking at the evaluation subjects.
+    so settings can be chosen without looking at the evaluation subjects. `split_seed` draws the split (None:
+    `seed`): held fixed, runs of different seeds draw other requests and orders from the same subjects, so an
+    editor trained on one seed's training subjects never meets them in another seed's evaluation.
     Every request is checked against `collator`: a max_length too short for the world's sentences fails here.
     """
     if not isinstance(loaded, WorldModel):
         raise ConfigError("data=synthetic edits the synthetic world's own model: use model=tiny "
                           "(or a data set such as data=counterfact for other models)")
     world = loaded.world
-    split = world.split_subjects(eval_fraction=eval_fraction, seed=seed)
+    split_seed = seed if split_seed is None else split_seed
+    split = world.split_subjects(eval_fraction=eval_fraction, seed=split_seed)
     if validation_fraction is not None:
-        split = split_subjects(split.train, validation_fraction, seed)
+        split = split_subjects(split.train, validation_fraction, split_seed)
 
     def requests(subjects, request_seed):
         # Locality prompts ask true facts of the other side's subjects: those are never edited by this
