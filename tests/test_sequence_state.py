@@ -87,6 +87,21 @@ def test_a_step_with_more_keys_than_dimensions_is_kept_as_its_gram_and_reverts_e
     torch.testing.assert_close(memory.gram["m"], after_two + 0.5 * keys.T @ keys)
 
 
+def test_each_round_is_regularised_by_the_committed_keys_and_every_earlier_round_of_its_update():
+    g = torch.Generator().manual_seed(1)
+    memory = KeyMemory(0.5)
+    committed = torch.randn(4, 8, generator=g)
+    memory.propose("m", committed)
+    memory.commit()
+    rounds = [torch.randn(rows, 8, generator=g) for rows in (3, 5, 2)]
+    for r, keys in enumerate(rounds):
+        seen = torch.cat([committed, *rounds[:r]])
+        torch.testing.assert_close(memory.regulariser("m"), 0.5 * seen.T @ seen)
+        memory.propose("m", keys)
+    memory.discard_pending()  # an update never committed leaves only the committed keys
+    torch.testing.assert_close(memory.regulariser("m"), 0.5 * committed.T @ committed)
+
+
 def test_memory_weight_must_be_positive():
     with pytest.raises(ValueError, match="weight"):
         KeyMemory(0.0)

@@ -31,6 +31,7 @@ class KeyMemory:
             raise ValueError(f"key memory weight must be > 0, got {weight}")
         self.weight = weight
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_gram: dict[str, torch.Tensor] = {}  # running sum over the rounds, so a round costs its own keys
         self.steps: list[dict[str, torch.Tensor | StepGram]] = []
         self.gram: dict[str, torch.Tensor] = {}
 
@@ -38,36 +39,37 @@ class KeyMemory:
         """Keys of one round of the update being predicted; they count once that update is committed."""
         keys = keys.detach()
         self.pending[name] = keys if name not in self.pending else torch.cat([self.pending[name], keys])
+        self.pending_gram[name] = self.pending_gram.get(name, 0) + self._weighted_gram(keys)
 
     def discard_pending(self) -> None:
         """A new update begins: the rounds of one that was never committed are forgotten."""
-        self.pending = {}
+        self.pending, self.pending_gram = {}, {}
 
     def regulariser(self, name: str) -> torch.Tensor | None:
         """The weighted Gram of the committed keys and of the earlier rounds of the update being predicted."""
         gram = self.gram.get(name)
-        if name in self.pending:
-            gram = (0 if gram is None else gram) + self._weighted_gram(self.pending[name])
+        if name in self.pending_gram:
+            gram = (0 if gram is None else gram) + self.pending_gram[name]
         return gram
 
     def commit(self) -> None:
         if self.pending:
-            step = {name: self._compact(keys) for name, keys in self.pending.items()}
+            step = {name: self._compact(name, keys) for name, keys in self.pending.items()}
             self.steps.append(step)
             self._add(step)
-        self.pending = {}
+        self.pending, self.pending_gram = {}, {}
 
     def revert(self, k: int | None = None) -> None:
         """Forget the last `k` committed steps (None: all); the Gram is rebuilt from what remains."""
-        self.pending = {}
+        self.pending, self.pending_gram = {}, {}
         keep = 0 if k is None else max(len(self.steps) - k, 0)
         del self.steps[keep:]
         self.gram = {}
         for step in self.steps:
             self._add(step)
 
-    def _compact(self, keys: torch.Tensor) -> torch.Tensor | StepGram:
-        return StepGram(self._weighted_gram(keys)) if keys.shape[0] > keys.shape[1] else keys
+    def _compact(self, name: str, keys: torch.Tensor) -> torch.Tensor | StepGram:
+        return StepGram(self.pending_gram[name]) if keys.shape[0] > keys.shape[1] else keys
 
     def _add(self, step: dict[str, torch.Tensor | StepGram]) -> None:
         """Fold one step into the weighted Gram matrices."""
