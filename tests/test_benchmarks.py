@@ -19,6 +19,7 @@ import locate_step
 from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phases
 from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
+from key_memory import RecomputingKeyMemory, edit_step
 from key_overlap import kept_share, nearest_cosine
 from nullspace_capacity import capacity
 from world_keys import transfers
@@ -26,6 +27,7 @@ from world_keys import transfers
 from rledit.data.collate import IGNORE_INDEX, EditCollator
 from rledit.data.text import SampledText
 from rledit.editors.base import EditContext
+from rledit.editors.key_memory import KeyMemory
 from rledit.editors.locate import _reading
 from rledit.editors.memit import MemitEditor
 from rledit.models.layers import resolve_edit_modules
@@ -102,6 +104,18 @@ def test_gpu_script_runs_at_small_size_on_cpu():
     ratio = re.search(r"edit step / floor = \*\*([0-9.]+)x\*\*", done.stdout)
     assert ratio and float(ratio.group(1)) > 0, done.stdout
     assert re.search(r"\| fused kernel \(torch\), 256x896, N=8 \| [0-9.]+ ms", done.stdout), done.stdout
+
+
+def test_the_key_memory_benchmark_times_two_memories_that_hand_the_solve_the_same_regularisers():
+    generator = torch.Generator().manual_seed(0)
+    running, recomputing = KeyMemory(0.5), RecomputingKeyMemory(0.5)
+    for _ in range(2):  # the second step solves against the first one's committed keys
+        keys = [[torch.randn(3, 8, generator=generator) for _ in range(2)] for _ in range(4)]
+        (_, new), (_, old) = edit_step(running, keys), edit_step(recomputing, keys)
+        for a, b in zip(new, old, strict=True):
+            torch.testing.assert_close(a, b)
+    for name in ("0", "1"):
+        torch.testing.assert_close(running.gram[name], recomputing.gram[name])
 
 
 def test_null_space_capacity_counts_what_new_keys_add_to_the_earlier_ones():
