@@ -42,6 +42,21 @@ def test_editor_checkpoint_holds_the_kept_editor(small_world_model, tmp_path, ke
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
 
 
+def test_a_run_resumed_after_its_last_epoch_still_keeps_its_best_epoch(small_world_model, tmp_path):
+    overrides = [*TRAIN_OVERRIDES, f"model.load.cache_dir={small_world_model.path.parent.parent}",
+                 f"run_dir={tmp_path}", "training.checkpoint_every_n_steps=null", "trainer.max_epochs=1"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
+        cfg = compose(config_name="train", overrides=overrides)
+        resume = compose(config_name="train", overrides=[*overrides, f"resume={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+    with cpu_threads(1):
+        kept = editor_state(train(cfg))
+        start = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+            "starting_editor"]["state"]
+        assert any(not torch.equal(kept[k], start[k]) for k in kept)  # the epoch was kept over the start
+        resumed = editor_state(train(resume))  # nothing left to train: only the choice of editor is redone
+    assert all(torch.equal(resumed[k], kept[k]) for k in kept)
+
+
 class _Trainer(torch.nn.Module):
     """What keep_best needs of an EditorTrainer: an editor child and the starting editor."""
 
