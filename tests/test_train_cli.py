@@ -42,12 +42,15 @@ def test_editor_checkpoint_holds_the_kept_editor(small_world_model, tmp_path, ke
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
 
 
-def test_a_run_resumed_after_its_last_epoch_still_keeps_its_best_epoch(small_world_model, tmp_path):
+@pytest.mark.parametrize("resumed_into", ["the same folder", "another folder"])
+def test_a_run_resumed_after_its_last_epoch_still_keeps_its_best_epoch(small_world_model, tmp_path, resumed_into):
     overrides = [*TRAIN_OVERRIDES, f"model.load.cache_dir={small_world_model.path.parent.parent}",
-                 f"run_dir={tmp_path}", "training.checkpoint_every_n_steps=null", "trainer.max_epochs=1"]
+                 "training.checkpoint_every_n_steps=null", "trainer.max_epochs=1"]
+    resumed_dir = tmp_path if resumed_into == "the same folder" else tmp_path / "resumed"
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        cfg = compose(config_name="train", overrides=overrides)
-        resume = compose(config_name="train", overrides=[*overrides, f"resume={tmp_path / 'checkpoints' / 'last.ckpt'}"])
+        cfg = compose(config_name="train", overrides=[*overrides, f"run_dir={tmp_path}"])
+        resume = compose(config_name="train", overrides=[*overrides, f"run_dir={resumed_dir}",
+                                                         f"resume={tmp_path / 'checkpoints' / 'last.ckpt'}"])
     with cpu_threads(1):
         kept = editor_state(train(cfg))
         start = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
@@ -80,6 +83,20 @@ def test_keep_best_hands_back_the_starting_editor_unless_an_epoch_beat_it(tmp_pa
     expected = module.start.state if best_score in (None, 0.4) else \
         {k.removeprefix("editor."): v for k, v in best_epoch.items()}
     assert all(torch.equal(module.editor.state_dict()[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("earlier_score", [0.55, 0.7])
+def test_keep_best_weighs_the_resumed_runs_best_epoch_against_this_runs(tmp_path, earlier_score):
+    module = _Trainer()
+    paths, states = {}, {}
+    for name, shift in (("earlier", 3.0), ("this", 7.0)):
+        states[name] = {k: v + shift for k, v in module.state_dict().items()}
+        paths[name] = tmp_path / f"{name}.ckpt"
+        torch.save({"state_dict": states[name]}, paths[name])
+    best = SimpleNamespace(best_model_path=str(paths["this"]), best_model_score=torch.tensor(0.6))
+    keep_best(module, best, earlier=(earlier_score, str(paths["earlier"])))
+    expected = states["earlier" if earlier_score > 0.6 else "this"]
+    assert all(torch.equal(module.editor.state_dict()[k], expected["editor." + k]) for k in module.editor.state_dict())
 
 
 def test_an_unknown_keep_option_is_named(small_world_model, tmp_path):

@@ -24,6 +24,7 @@ def train(cfg: DictConfig) -> Path:
     """Train the configured editor; returns the path of the written editor checkpoint."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # a resumed run with nothing left to train saves nothing before editor.ckpt
     experiment = build_experiment(cfg)
     editor = build_editor(cfg, experiment)
     if not editor.trainable:
@@ -57,7 +58,7 @@ def train(cfg: DictConfig) -> Path:
         module.remember_start(scores["val/score"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
     if training.keep == "best":
-        keep_best(module, best)
+        keep_best(module, best, earlier_best(cfg.resume, best))
     path = run_dir / "editor.ckpt"
     if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
         partial = partial_path(path)
@@ -76,18 +77,37 @@ def close_ranks(trainer: L.Trainer) -> None:
         torch.distributed.destroy_process_group()
 
 
-def keep_best(module: EditorTrainer, best: ModelCheckpoint) -> None:
-    """Load the editor of the best validation score into `module`: the best epoch's, or the starting editor's
-    when no epoch beat it (training that only made the editor worse hands back the editor it started from)."""
+def keep_best(module: EditorTrainer, best: ModelCheckpoint, earlier: tuple[float, str] | None = None) -> None:
+    """Load the editor of the best validation score into `module`: the best epoch's (this run's, or `earlier`, the
+    best a resumed run recorded in another folder), or the starting editor's when no epoch beat it (training that
+    only made the editor worse hands back the editor it started from)."""
+    epochs = [earlier] if earlier else []
+    if best.best_model_path and best.best_model_score is not None:
+        epochs.append((float(best.best_model_score), best.best_model_path))
+    trained, path = max(epochs, default=(-math.inf, ""))
     start = module.start
-    trained = float(best.best_model_score) if best.best_model_path else -math.inf
     if start is not None and start.score > trained:
         module.editor.load_state_dict(start.state)
         print(f"no epoch beat the starting editor's validation score ({start.score:.4f} against {trained:.4f}): "
               f"keeping the starting editor")
-    elif best.best_model_path:
-        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
-        print(f"keeping the editor of {best.best_model_path} (validation score {trained:.4f})")
+    elif path:
+        module.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        print(f"keeping the editor of {path} (validation score {trained:.4f})")
+
+
+def earlier_best(resume: str | None, best: ModelCheckpoint) -> tuple[float, str] | None:
+    """The best epoch (score, checkpoint) of the run `resume` continues, when it continues in another folder:
+    Lightning then forgets that epoch's score, and the first epoch of the new folder would count as best."""
+    if resume is None:
+        return None
+    state = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)["callbacks"].get(best.state_key)
+    if not state or state.get("best_model_score") is None or Path(state["dirpath"]) == Path(best.dirpath):
+        return None
+    if not Path(state["best_model_path"]).is_file():
+        warnings.warn(f"resume={resume}: its best checkpoint {state['best_model_path']} is gone; choosing among "
+                      f"this run's epochs and the starting editor only", stacklevel=2)
+        return None
+    return float(state["best_model_score"]), state["best_model_path"]
 
 
 def validation_length(cfg: DictConfig, n_train: int, n_eval: int, sequence_length: int) -> int:
