@@ -37,8 +37,8 @@ from rledit.runtime import freeze, resolve_dtype
 
 WORLD_FILE = "world.json"
 REPORT_FILE = "pretraining.json"
-# Models rledit pretrained and ships, named as in the cache: pretraining is chaotic, so another CPU's kernels or
-# another transformers release end it somewhere else, and the editors' results move with it (BENCHMARKS 17).
+# Models rledit pretrained and ships, named as in the cache: pretraining is chaotic, so other kernels (another
+# CPU's, or torch's portable ones) end it somewhere else, and the editors' results move with it (BENCHMARKS 17).
 # Shipping the default world's weights makes every machine edit the same model.
 SHIPPED_DIR = Path(__file__).parent / "pretrained"
 
