@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerFast
 
 from rledit.data.collate import EditCollator
@@ -27,7 +25,6 @@ from rledit.data.synthetic.relations import fixed_words
 from rledit.data.synthetic.world import World
 from rledit.errors import ConfigError, PretrainingError
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_WORLD = {"seed": 3, "num_subjects": 12, "objects_per_relation": 4}
 
 
@@ -331,28 +328,10 @@ def test_cache_folder_depends_on_every_config():
     assert key(world_config, {}, PretrainConfig(epochs=3)) != base
 
 
-def test_the_default_world_loads_the_shipped_model_without_pretraining(tmp_path, monkeypatch):
-    def no_training(*args, **kwargs):
-        raise AssertionError("pretrained although rledit ships this model")
-
-    monkeypatch.setattr(world_model_module, "pretrain", no_training)
-    load = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml").load)
-    loaded = load_world_model(load["world"], load["model"], load["training"], cache_dir=tmp_path, progress=False)
-    assert loaded.path.parent == world_model_module.SHIPPED_DIR
-    assert not (tmp_path / "synthetic").exists()
-    # The shipped folder is named by the config it was pretrained with, so a changed model=tiny cannot load it.
-    recorded = json.loads((loaded.path / "pretraining.json").read_text())
-    key = world_model_module.cache_key(build_world(recorded["world"]).config, {}, PretrainConfig(**recorded["training"]))
-    assert recorded["model"] == {**world_model_module.DEFAULT_MODEL, **load["model"]}
-    assert loaded.path.name == f"world-model-{key}"
-    assert min(recorded["accuracy"]["per_template"].values()) >= load["training"]["target_accuracy"]
-
-
 @pytest.mark.slow
 def test_default_world_model_meets_the_bars_within_five_minutes(tmp_path):
-    """The README's promise for pretraining the entry points' default model here (not the shipped copy); prints the
-    measured numbers (-s)."""
-    loaded = load_world_model(cache_dir=tmp_path, shipped=False)
+    """The README's promise for the entry points' default model; prints the measured numbers (-s)."""
+    loaded = load_world_model(cache_dir=tmp_path)
     report = json.loads((loaded.path / "pretraining.json").read_text())
     accuracy = report["accuracy"]
     worst = min(accuracy["per_template"].values())

@@ -1,5 +1,4 @@
-"""The synthetic world's pretrained model: shipped for the default world, else trained on the first call,
-cached on disk, reused after.
+"""The synthetic world's pretrained model: trained on the first call, cached on disk, reused after.
 
 The cache folder is named by a hash of everything that determines the weights (world, model and
 training configs and the generator/trainer versions), so a changed config never reuses a stale model.
@@ -37,10 +36,6 @@ from rledit.runtime import freeze, resolve_dtype
 
 WORLD_FILE = "world.json"
 REPORT_FILE = "pretraining.json"
-# Models rledit pretrained and ships, named as in the cache: pretraining is chaotic, so other kernels (another
-# CPU's, or torch's portable ones) end it somewhere else, and the editors' results move with it (BENCHMARKS 17).
-# Shipping the default world's weights makes every machine edit the same model.
-SHIPPED_DIR = Path(__file__).parent / "pretrained"
 
 
 @dataclass
@@ -59,10 +54,8 @@ def load_world_model(world: WorldConfig | Mapping[str, Any] | None = None,
                      cache_dir: str | Path | None = None,
                      device: str | torch.device = "cpu",
                      dtype: str | torch.dtype = "float32",
-                     progress: bool = True,
-                     shipped: bool = True) -> WorldModel:
-    """Load the pretrained model of `world`: the one rledit ships when it has this exact config (and `shipped`),
-    else the cached one, pretraining and caching it first if no cache exists.
+                     progress: bool = True) -> WorldModel:
+    """Load the pretrained model of `world`, pretraining and caching it first if no cache exists.
 
     `model` overrides fields of the default `LlamaConfig`, `training` fields of `PretrainConfig`.
     """
@@ -70,12 +63,10 @@ def load_world_model(world: WorldConfig | Mapping[str, Any] | None = None,
     model_overrides = check_model_overrides(model)
     training = training_config(training)
     torch_dtype = resolve_dtype(dtype)
-    name = f"world-model-{cache_key(world_config, model_overrides, training)}"
-    folder = SHIPPED_DIR / name
-    if not (shipped and folder.is_dir()):
-        folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "synthetic" / name
-        if not folder.is_dir():
-            _pretrain_into(folder, world_config, model_overrides, training, progress)
+    folder = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "synthetic" / \
+        f"world-model-{cache_key(world_config, model_overrides, training)}"
+    if not folder.is_dir():
+        _pretrain_into(folder, world_config, model_overrides, training, progress)
     return _load(folder, device, torch_dtype)
 
 
