@@ -1,10 +1,9 @@
 """Build the tiny Llama of the synthetic world and pretrain it on every fact in every paraphrase.
 
-Seeded and deterministic on one machine: the same world, model and training config give the same
-weights there. Another CPU (vector width, BLAS path, thread count) rounds differently and ends the same
-number of steps somewhere else, so training does not stop after a fixed count: it runs a cosine schedule,
-then holds its floor rate until every trained template reaches `target_accuracy`, up to `max_epochs`,
-and a model that cannot get there is an error, never a quietly weaker model.
+Seeded, and the same on every CPU (see `portable`): the same world, model and training config give the
+same weights. Training runs a cosine schedule, then holds its floor rate until every trained template
+reaches `target_accuracy`, up to `max_epochs`, and a model that cannot get there is an error, never a
+quietly weaker model.
 """
 
 from __future__ import annotations
@@ -16,18 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rledit.data.synthetic.accuracy import world_accuracy
 from rledit.data.synthetic.encoding import encode
 from rledit.data.synthetic.options import config_from_mapping
+from rledit.data.synthetic.portable import portable_llama, snap_, standard_llama
 from rledit.data.synthetic.world import World
 from rledit.errors import ConfigError, PretrainingError
 from rledit.threads import cpu_threads
 
 # Bump when training changes, so models cached by an older trainer are not reused.
-PRETRAIN_FORMAT = 2
+PRETRAIN_FORMAT = 3
 
 # A real (if small) transformer: editors edit the gate_proj / up_proj of its middle and late layers.
 DEFAULT_MODEL: dict[str, Any] = {
@@ -59,8 +60,8 @@ class PretrainConfig:
     learning_rate: float = 1.5e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
-    # One thread: this model's matmuls are too small to gain from more, a shared CPU makes extra
-    # threads spin, and a fixed count keeps the weights reproducible on one machine.
+    # One thread: this model's matmuls are too small to gain much from more, and a shared CPU makes
+    # extra threads spin (the weights are the same for any count).
     threads: int = 1
 
     def __post_init__(self):
@@ -117,7 +118,7 @@ def pretrain(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConf
     """Train a fresh model on "template(subject) object</s>" for every fact and template until every
     template's accuracy on the true objects reaches `training.target_accuracy`. Returns the model in
     eval mode and the report; raises PretrainingError if `training.max_epochs` were not enough."""
-    with cpu_threads(training.threads):
+    with cpu_threads(training.threads), torch.random.fork_rng(devices=[]):  # the caller's RNG is left alone
         model, report = _train(world, tokenizer, config, training, progress)
     worst_template, worst = min(report.accuracy["per_template"].items(), key=lambda item: item[1])
     if worst < training.target_accuracy:
@@ -132,7 +133,7 @@ def pretrain(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConf
 def _train(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConfig, training: PretrainConfig,
            progress: bool) -> tuple[LlamaForCausalLM, PretrainReport]:
     torch.manual_seed(training.seed)
-    model = LlamaForCausalLM(config)
+    model = portable_llama(config)
     prompts, objects, _ = zip(*world.prompts_and_objects(), strict=True)
     batch = encode(tokenizer, prompts, objects, append_eos=True)
     labels = _without_subjects(batch.labels(), tokenizer, world)
@@ -152,10 +153,12 @@ def _train(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConfig
             model.train()
             for rows in torch.randperm(len(prompts), generator=shuffler).split(training.batch_size):
                 width = int(batch.lengths[rows].max())
-                loss = model(input_ids=batch.input_ids[rows, :width], labels=labels[rows, :width]).loss
+                logits = model(input_ids=batch.input_ids[rows, :width]).logits[:, :-1]
+                loss = F.cross_entropy(logits.flatten(0, 1), labels[rows, 1:width].flatten(), ignore_index=-100)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                snap_(model.parameters())
                 schedule.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
@@ -171,7 +174,7 @@ def _train(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConfig
             if epoch < training.max_epochs:  # one more epoch at the floor rate
                 bar.total += steps_per_epoch
                 bar.refresh()
-    model.eval()
+    model = standard_llama(model, config).eval()
     report = PretrainReport(seconds=time.perf_counter() - started, steps=epoch * steps_per_epoch, epochs=epoch,
                             final_loss=loss.item(), accuracy=accuracy)
     return model, report
