@@ -1,9 +1,9 @@
 """Build the tiny Llama of the synthetic world and pretrain it on every fact in every paraphrase.
 
-Seeded, and the same on every CPU (see `portable`): the same world, model and training config give the
-same weights. Training runs a cosine schedule, then holds its floor rate until every trained template
-reaches `target_accuracy`, up to `max_epochs`, and a model that cannot get there is an error, never a
-quietly weaker model.
+Seeded, and built not to depend on how the CPU rounds (see `portable`): the same world, model and
+training config give the same weights. Training runs a cosine schedule, then holds its floor rate until
+every trained template reaches `target_accuracy`, up to `max_epochs`, and a model that cannot get there
+is an error, never a quietly weaker model.
 """
 
 from __future__ import annotations
