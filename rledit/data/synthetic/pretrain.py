@@ -153,6 +153,7 @@ def _train(world: World, tokenizer: PreTrainedTokenizerFast, config: LlamaConfig
             model.train()
             for rows in torch.randperm(len(prompts), generator=shuffler).split(training.batch_size):
                 width = int(batch.lengths[rows].max())
+                # the loss taken here: the model's own `labels=` loss casts the logits to float32
                 logits = model(input_ids=batch.input_ids[rows, :width]).logits[:, :-1]
                 loss = F.cross_entropy(logits.flatten(0, 1), labels[rows, 1:width].flatten(), ignore_index=-100)
                 optimizer.zero_grad(set_to_none=True)
