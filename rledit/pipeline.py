@@ -16,7 +16,7 @@ from rledit.editors.base import EditContext, Editor
 from rledit.errors import ConfigError, DataError, LayerSpecError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 
-EDITOR_CHECKPOINT_FORMAT = "rledit-editor/2"
+EDITOR_CHECKPOINT_FORMAT = "rledit-editor/3"
 
 
 @dataclass

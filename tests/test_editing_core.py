@@ -122,7 +122,7 @@ def test_mend_identity_without_normalization_is_a_gradient_step(tiny_llama):
                         normalize=False)
     eta = 0.37
     for name in editable:
-        editor.bank.set_log_eta(name, torch.log(torch.tensor(eta)).item())
+        editor.bank.calibrate_log_eta(name, torch.log(torch.tensor(eta)).item())
     editor.calibrated.fill_(True)
     update = editor.predict_update(model, modules_of(editable), batch)
     for name, em in editable.items():

@@ -64,6 +64,35 @@ def test_untrained_hypernetwork_editors_already_edit(edit_setup, editor_class):
     assert after["efficacy"] > before["efficacy"] + 0.1
 
 
+@pytest.mark.parametrize("recalibrate", [True, False])
+def test_a_recalibrating_editor_scales_each_sequence_to_its_own_first_batch(edit_setup, small_world_model,
+                                                                          small_training_requests, recalibrate):
+    """Untrained and recalibrated, RLEdit's editor edits a new sequence exactly as the training-free editor
+    does; a learned offset survives the recalibration; without it the first calibration stays."""
+    model, editable, shapes, batch = edit_setup
+    modules = {n: em.module for n, em in editable.items()}
+    editor = RidgeEditor(shapes, rank=8, norm_per_sequence=True, recalibrate=recalibrate)
+    reference = TrainingFreeEditor(shapes)
+    other = EditCollator(small_world_model.tokenizer)(small_training_requests[:10]).edit
+    EditSession(model, editable, editor).edit(other)  # a first sequence calibrates on other requests
+    name = next(iter(shapes))
+    with torch.no_grad():
+        editor.bank.log_eta(name).sub_(0.5)  # what training would have learned
+    EditSession(model, editable, editor)  # a new sequence
+    EditSession(model, editable, reference)
+    update = editor.predict_update(model, modules, batch.edit)
+    expected = reference.predict_update(model, modules, batch.edit)
+    learned = float((editor.bank.log_eta(name) - reference.bank.log_eta(name)).detach())
+    if recalibrate:
+        assert learned == pytest.approx(-0.5, abs=1e-5)
+        for other_name in set(shapes) - {name}:
+            torch.testing.assert_close(editor.bank.log_eta(other_name), reference.bank.log_eta(other_name))
+            torch.testing.assert_close(editor.bank.log_lambda(other_name), reference.bank.log_lambda(other_name))
+            torch.testing.assert_close(update[other_name].dense(), expected[other_name].dense())
+    else:
+        assert abs(learned + 0.5) > 1e-3  # calibrated on the other requests, not these
+
+
 def test_finetune_norm_constraint_bounds_each_module_update(edit_setup):
     model, editable, shapes, batch = edit_setup
     update = FineTuneEditor(shapes, steps=3, lr=1.0, max_norm=0.05).predict_update(
@@ -79,7 +108,7 @@ def test_nan_in_the_editor_output_is_refused_and_the_model_is_untouched(edit_set
     session.edit(batch.edit)
     before = {n: p.clone() for n, p in model.named_parameters()}
     name = next(iter(shapes))
-    editor.bank.set_log_eta(name, float("nan"))  # the next prediction's step size poisons the update
+    editor.bank.calibrate_log_eta(name, float("nan"))  # the next prediction's step size poisons the update
     with pytest.raises(EditRefusedError, match="non-finite"):
         session.edit(batch.edit)
     assert len(session.ledger) == 1

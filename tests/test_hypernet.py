@@ -200,7 +200,7 @@ def test_gradient_reaches_both_lowrank_factors_after_one_step(net):
 def test_rebuild_from_shapes_and_state_dict_gives_identical_outputs(net):
     bank = make_bank(net, init_log_eta=-3.0)
     train_steps(bank, [DOWN0, UP0], steps=2)
-    bank.set_log_eta(DOWN1, -7.5)
+    bank.calibrate_log_eta(DOWN1, -7.5)
     torch.manual_seed(123)
     reversed_shapes = dict(reversed(SHAPES.items()))  # name order must not matter
     rebuilt = HyperNetworkBank(reversed_shapes, net=net, rank=3, n_blocks=2, init_log_eta=-3.0)
@@ -217,10 +217,10 @@ def test_rebuild_from_shapes_and_state_dict_gives_identical_outputs(net):
     assert rebuilt.shape_of(UP0) == (10, 6) and set(rebuilt.names) == set(SHAPES)
 
 
-def test_log_step_size_and_ridge_are_settable_and_carry_gradient():
+def test_log_step_size_and_ridge_are_calibrated_and_carry_gradient():
     bank = make_bank("ridge", init_log_eta=-2.0, init_log_lambda=1.0)
-    bank.set_log_eta(DOWN1, -9.0)
-    bank.set_log_lambda(UP0, 4.0)
+    bank.calibrate_log_eta(DOWN1, -9.0)
+    bank.calibrate_log_lambda(UP0, 4.0)
     assert bank.log_eta(DOWN1).item() == -9.0 and bank.log_eta(DOWN0).item() == -2.0
     assert bank.log_lambda(UP0).item() == 4.0 and bank.log_lambda(DOWN1).item() == 1.0
     (bank.log_eta(DOWN1) * 2 + bank.log_lambda(DOWN1)).backward()
@@ -230,6 +230,24 @@ def test_log_step_size_and_ridge_are_settable_and_carry_gradient():
     assert mend.log_eta(UP0).item() == -4.0
     with pytest.raises(ConfigError, match="log_lambda exists only for net='ridge'"):
         mend.log_lambda(UP0)
+    with pytest.raises(ConfigError, match="log_lambda exists only for net='ridge'"):
+        mend.calibrate_log_lambda(UP0, 1.0)
+
+
+def test_a_recalibration_keeps_what_training_added_to_the_calibrated_values():
+    bank = make_bank("ridge")
+    bank.calibrate_log_eta(DOWN1, -9.0)
+    bank.calibrate_log_lambda(DOWN1, 4.0)
+    with torch.no_grad():  # training moves both away from their calibration
+        bank.nets["6x10"].log_eta[1] -= 0.25
+        bank.nets["6x10"].log_lambda[1] += 0.5
+    bank.calibrate_log_eta(DOWN1, -8.0)
+    bank.calibrate_log_lambda(DOWN1, 3.0)
+    assert bank.log_eta(DOWN1).item() == -8.25 and bank.log_lambda(DOWN1).item() == 3.5
+    rebuilt = make_bank("ridge")
+    rebuilt.load_state_dict(bank.state_dict())  # the calibration a checkpoint started from travels with it
+    rebuilt.calibrate_log_eta(DOWN1, -7.0)
+    assert rebuilt.log_eta(DOWN1).item() == -7.25
 
 
 def test_bad_configuration_and_inputs_are_named():

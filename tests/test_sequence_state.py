@@ -59,7 +59,7 @@ def test_memory_reverts_exactly_and_ignores_refused_edits(ridge_edit_setup):
         assert len(editor.key_memory.steps) == 2
         for n, gram in editor.key_memory.gram.items():
             torch.testing.assert_close(gram, after_two[n], rtol=1e-5, atol=1e-5)
-        editor.bank.set_log_eta(name, float("nan"))
+        editor.bank.calibrate_log_eta(name, float("nan"))
         with pytest.raises(EditRefusedError):
             session.edit(batches[2])
         assert len(editor.key_memory.steps) == 2

@@ -75,7 +75,8 @@ class RidgeBlock(nn.Module):
 class _ResidualNet(nn.Module):
     """Residual blocks over z = [K, G] (width d_in + d_out), output split back into (K~, G~).
 
-    Also holds each module's learned log step size `log_eta`.
+    Also holds each module's learned log step size `log_eta`, and the calibrated value it started from
+    (`calibrated_log_eta`): their difference is what training learned, which a recalibration keeps.
     """
 
     block_type: type[nn.Module]
@@ -86,6 +87,7 @@ class _ResidualNet(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.blocks = nn.ModuleList(self.block_type(d_in + d_out, rank, n_modules) for _ in range(n_blocks))
         self.log_eta = nn.Parameter(torch.full((n_modules,), float(init_log_eta)))
+        self.register_buffer("calibrated_log_eta", torch.full((n_modules,), float(init_log_eta)))
 
     def forward(self, z: torch.Tensor, module_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.blocks:
@@ -109,6 +111,7 @@ class RidgeNet(_ResidualNet):
                  init_log_eta: float = 0.0, init_log_lambda: float = 0.0):
         super().__init__(d_in, d_out, rank, n_modules, n_blocks, init_log_eta)
         self.log_lambda = nn.Parameter(torch.full((n_modules,), float(init_log_lambda)))
+        self.register_buffer("calibrated_log_lambda", torch.full((n_modules,), float(init_log_lambda)))
 
 
 NETWORKS: dict[str, type[_ResidualNet]] = {"mend": MendNet, "ridge": RidgeNet}
@@ -214,10 +217,20 @@ class HyperNetworkBank(nn.Module):
         return net.log_lambda[index]
 
     @torch.no_grad()
-    def set_log_eta(self, name: str, value: float) -> None:
-        """Overwrite a module's log step size, e.g. from the scale of its captured factors."""
-        self.log_eta(name).fill_(value)
+    def calibrate_log_eta(self, name: str, value: float) -> None:
+        """Move a module's log step size to `value` (from the scale of its captured factors) plus whatever
+        training has added since its last calibration."""
+        net, index = self._slot(name)
+        _recalibrate(net.log_eta, net.calibrated_log_eta, index, value)
 
     @torch.no_grad()
-    def set_log_lambda(self, name: str, value: float) -> None:
-        self.log_lambda(name).fill_(value)
+    def calibrate_log_lambda(self, name: str, value: float) -> None:
+        """As `calibrate_log_eta`, for the log ridge."""
+        self.log_lambda(name)  # ridge networks only
+        net, index = self._slot(name)
+        _recalibrate(net.log_lambda, net.calibrated_log_lambda, index, value)
+
+
+def _recalibrate(learned: torch.Tensor, calibrated: torch.Tensor, index: int, value: float) -> None:
+    learned[index] += value - calibrated[index]
+    calibrated[index] = value

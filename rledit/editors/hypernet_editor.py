@@ -27,6 +27,11 @@ class HypernetEditor(FactorEditor):
     rollout, each evaluation session) instead of carrying them over from training: a trained editor then
     normalizes at test time exactly as it did in training, where statistics saturated by thousands of
     training edits would no longer follow the drift of a long edit sequence.
+
+    `recalibrate` sets the step sizes (and ridges) again on the first batch of every edit sequence, keeping
+    what training added to the values it started from: a trained editor then scales its steps to the
+    requests at hand as the untrained editor does, instead of to the one training batch it was first
+    calibrated on.
     """
 
     trainable = True
@@ -34,11 +39,12 @@ class HypernetEditor(FactorEditor):
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
-                 init_shift: float = 1.0, norm_per_sequence: bool = False, rounds: int = 1):
+                 init_shift: float = 1.0, norm_per_sequence: bool = False, rounds: int = 1,
+                 recalibrate: bool = False):
         super().__init__(module_shapes, capture_tokens, rounds)
         self.hparams = {"rank": rank, "n_blocks": n_blocks, "normalize": normalize,
                         "lifelong_norm": lifelong_norm, "init_shift": init_shift,
-                        "norm_per_sequence": norm_per_sequence, "rounds": rounds}
+                        "norm_per_sequence": norm_per_sequence, "rounds": rounds, "recalibrate": recalibrate}
         self.bank = HyperNetworkBank(self.module_shapes, net=self.net_kind, rank=rank, n_blocks=n_blocks,
                                      normalize=normalize, update_during_edit=lifelong_norm)
         self.register_buffer("calibrated", torch.tensor(False))
@@ -62,6 +68,8 @@ class HypernetEditor(FactorEditor):
         if k is None and self.hparams["norm_per_sequence"]:
             for normalizer in self.bank.normalizers.values():
                 normalizer.reset()
+        if k is None and self.hparams["recalibrate"]:
+            self.calibrated.fill_(False)
 
     @torch.no_grad()
     def _calibrate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> None:
@@ -81,7 +89,7 @@ class HypernetEditor(FactorEditor):
             raise EditRefusedError(f"{what}: the step size came out {eta} (median output norm "
                                    f"{float(f.output_norms.median())}, median shift at unit step "
                                    f"{float(shift_at_unit_step.median())})")
-        self.bank.set_log_eta(name, math.log(eta))
+        self.bank.calibrate_log_eta(name, math.log(eta))
 
     @staticmethod
     def shift_coefficients(keys: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,9 @@ class RidgeEditor(HypernetEditor):
                  init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0,
                  norm_per_sequence: bool = False, preserve_weight: float = 0.0,
                  nullspace_threshold: float | None = None, threshold_kind: str = "relative", rounds: int = 1,
-                 clamp_norm: float | None = None):
+                 clamp_norm: float | None = None, recalibrate: bool = False):
         super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
-                         norm_per_sequence, rounds)
+                         norm_per_sequence, rounds, recalibrate)
         if preserve_weight < 0 or any(v is not None and v <= 0 for v in (nullspace_threshold, clamp_norm)):
             raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0, "
                               f"nullspace_threshold={nullspace_threshold} and clamp_norm={clamp_norm} > 0 or null")
@@ -91,7 +91,7 @@ class RidgeEditor(HypernetEditor):
         if not 0.0 < ridge < math.inf:
             raise EditRefusedError(f"module '{name}': ridge calibration refused: e^lambda came out {ridge} "
                                    f"(init_ridge {self.hparams['init_ridge']})")
-        self.bank.set_log_lambda(name, math.log(ridge))
+        self.bank.calibrate_log_lambda(name, math.log(ridge))
 
     def aggregate(self, name: str, f: CapturedFactors, keys_t: torch.Tensor, grads_t: torch.Tensor) -> ModuleUpdate:
         coeffs = -self.bank.log_eta(name).exp() * self.shift_coefficients(f.keys, keys_t)
