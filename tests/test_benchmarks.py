@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import locate_step
 from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phases
+from first_batch_calibration import module_means, seeds
 from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
 from key_memory import RecomputingKeyMemory, edit_step
@@ -30,6 +31,7 @@ from rledit.editors.base import EditContext
 from rledit.editors.key_memory import KeyMemory
 from rledit.editors.locate import _reading
 from rledit.editors.memit import MemitEditor
+from rledit.editors.ridge import RidgeEditor
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
 
@@ -183,3 +185,12 @@ def test_the_published_z_optimisation_reaches_the_editors_target_values(small_wo
     moved = float((ours - read[0][0]).norm())
     assert moved > 0.1 * float(ours.norm())  # four Adam steps moved z, and both by the same
     assert float((published - ours).norm()) < 1e-3 * moved
+
+
+def test_first_batch_calibration_averages_each_modules_calibrated_values():
+    editor = RidgeEditor({"a": (3, 4), "b": (3, 4), "c": (5, 2)}, rank=2)
+    for name, eta, ridge in (("a", -6.0, 1.0), ("b", -5.0, 2.0), ("c", -4.0, 6.0)):
+        editor.bank.calibrate_log_eta(name, eta)
+        editor.bank.calibrate_log_lambda(name, ridge)
+    assert module_means(editor.state_dict()) == pytest.approx((-5.0, 3.0))
+    assert seeds("0-6") == list(range(7)) and seeds("3") == [3]

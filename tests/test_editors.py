@@ -71,10 +71,11 @@ def test_a_recalibrating_editor_scales_each_sequence_to_its_own_first_batch(edit
     does; a learned offset survives the recalibration; without it the first calibration stays."""
     model, editable, shapes, batch = edit_setup
     modules = {n: em.module for n, em in editable.items()}
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
     editor = RidgeEditor(shapes, rank=8, norm_per_sequence=True, recalibrate=recalibrate)
     reference = TrainingFreeEditor(shapes)
     other = EditCollator(small_world_model.tokenizer)(small_training_requests[:10]).edit
-    EditSession(model, editable, editor).edit(other)  # a first sequence calibrates on other requests
+    EditSession(model, editable, editor).predict(other)  # a first sequence calibrates on other requests
     name = next(iter(shapes))
     with torch.no_grad():
         editor.bank.log_eta(name).sub_(0.5)  # what training would have learned
@@ -91,6 +92,7 @@ def test_a_recalibrating_editor_scales_each_sequence_to_its_own_first_batch(edit
             torch.testing.assert_close(update[other_name].dense(), expected[other_name].dense())
     else:
         assert abs(learned + 0.5) > 1e-3  # calibrated on the other requests, not these
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())  # the shared model is untouched
 
 
 def test_finetune_norm_constraint_bounds_each_module_update(edit_setup):
