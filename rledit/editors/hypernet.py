@@ -210,11 +210,15 @@ class HyperNetworkBank(nn.Module):
 
     def log_lambda(self, name: str) -> torch.Tensor:
         """The module's learned log ridge (ridge networks only)."""
+        net, index = self._ridge_slot(name)
+        return net.log_lambda[index]
+
+    def _ridge_slot(self, name: str) -> tuple[RidgeNet, int]:
         net, index = self._slot(name)
         if not isinstance(net, RidgeNet):
             raise ConfigError(f"module '{name}': log_lambda exists only for net='ridge', this bank uses "
                               f"net={self._hparams['net']!r}")
-        return net.log_lambda[index]
+        return net, index
 
     @torch.no_grad()
     def calibrate_log_eta(self, name: str, value: float) -> None:
@@ -226,8 +230,7 @@ class HyperNetworkBank(nn.Module):
     @torch.no_grad()
     def calibrate_log_lambda(self, name: str, value: float) -> None:
         """As `calibrate_log_eta`, for the log ridge."""
-        self.log_lambda(name)  # ridge networks only
-        net, index = self._slot(name)
+        net, index = self._ridge_slot(name)
         _recalibrate(net.log_lambda, net.calibrated_log_lambda, index, value)
 
 
