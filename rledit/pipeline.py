@@ -17,6 +17,7 @@ from rledit.errors import ConfigError, DataError, LayerSpecError, RleditError
 from rledit.models.layers import EditableModule, resolve_edit_modules
 
 EDITOR_CHECKPOINT_FORMAT = "rledit-editor/3"
+CALIBRATION_FREE_FORMAT = "rledit-editor/2"  # read too: as format 3 without the calibrated step sizes and ridges
 
 
 @dataclass
@@ -153,13 +154,31 @@ def editor_from_checkpoint(ckpt: dict, path: str, module_shapes: dict[str, tuple
                           "which is not an rledit editor")
     saved_options = {k: v for k, v in ckpt["config"]["editor"]["build"].items() if k not in ("_target_", "_partial_")}
     options = saved_options | (options or {})
+    state = ckpt["state_dict"]
+    if ckpt["format"] == CALIBRATION_FREE_FORMAT:
+        state = _with_calibrated_values(state, path, options)
     try:
         editor = cls(saved, **options)
-        editor.load_state_dict(ckpt["state_dict"])
+        editor.load_state_dict(state)
     except (TypeError, RuntimeError, RleditError) as exc:  # unknown options; missing, extra, misshapen state
         raise ConfigError(f"checkpoint={path} does not fit {editor_class} with options {options}: "
                           f"{exc}") from exc
     return editor.to(device)
+
+
+def _with_calibrated_values(state: dict, path: str, options: dict) -> dict:
+    """A format-2 state with each learned log step size and ridge standing in for the calibrated value it started
+    from. Only a recalibration reads those values, and it would then drop what training learned, so it is refused."""
+    if options.get("recalibrate"):
+        raise ConfigError(f"checkpoint={path} has format {CALIBRATION_FREE_FORMAT!r}, which does not store the "
+                          "calibrated step sizes that recalibrate=true starts from: load it without recalibrate, "
+                          "or train the editor again with this version")
+    calibrated = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ("log_eta", "log_lambda"):
+            calibrated[f"{prefix}.calibrated_{leaf}"] = value.clone()
+    return {**state, **calibrated}
 
 
 def read_editor_checkpoint(path: str) -> dict:
@@ -173,9 +192,9 @@ def read_editor_checkpoint(path: str) -> dict:
                           f"other than tensors and plain containers, or is damaged): {exc}") from exc
     if not isinstance(ckpt, dict) or not str(ckpt.get("format", "")).startswith("rledit-editor/"):
         raise ConfigError(f"checkpoint={path} is not an rledit editor checkpoint")
-    if ckpt["format"] != EDITOR_CHECKPOINT_FORMAT:
+    if ckpt["format"] not in (EDITOR_CHECKPOINT_FORMAT, CALIBRATION_FREE_FORMAT):
         raise ConfigError(f"checkpoint={path} has format {ckpt['format']!r}, this rledit reads "
-                          f"{EDITOR_CHECKPOINT_FORMAT!r}: train the editor again with this version")
+                          f"{EDITOR_CHECKPOINT_FORMAT!r} and {CALIBRATION_FREE_FORMAT!r}: train the editor again with this version")
     missing = [key for key in ("module_shapes", "state_dict", "config") if key not in ckpt]
     build = ckpt.get("config", {}).get("editor", {}).get("build", {})
     if not missing and "_target_" not in build:

@@ -120,6 +120,26 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_config_error_naming_it(ex
         load_editor_checkpoint(path, experiment)
 
 
+def test_a_format_2_checkpoint_loads_as_trained_and_refuses_only_a_recalibration(experiment_and_checkpoint,
+                                                                                tmp_path):
+    experiment, checkpoint = experiment_and_checkpoint
+    trained = {key: value + 0.5 if key.endswith((".log_eta", ".log_lambda")) else value
+               for key, value in checkpoint["state_dict"].items()}  # learned values off their calibration
+    old = {**checkpoint, "format": "rledit-editor/2",
+           "state_dict": {key: value for key, value in trained.items() if ".calibrated_" not in key}}
+    assert len(old["state_dict"]) < len(trained)
+    path = _saved(old, tmp_path / "editor.ckpt")
+    state = editor_from_checkpoint(read_editor_checkpoint(path), path, experiment.module_shapes,
+                                   torch.device("cpu")).state_dict()
+    assert state.keys() == trained.keys()
+    for key, value in trained.items():
+        learned = trained[key.replace(".calibrated_", ".")]
+        torch.testing.assert_close(state[key], learned if ".calibrated_" in key else value, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=rf"^checkpoint={path} has format 'rledit-editor/2', .*recalibrate=true"):
+        editor_from_checkpoint(read_editor_checkpoint(path), path, experiment.module_shapes, torch.device("cpu"),
+                               {"recalibrate": True})
+
+
 def _saved(checkpoint: dict, path: Path) -> str:
     torch.save(checkpoint, path)
     return str(path)
