@@ -194,7 +194,8 @@ def read_editor_checkpoint(path: str) -> dict:
         raise ConfigError(f"checkpoint={path} is not an rledit editor checkpoint")
     if ckpt["format"] not in (EDITOR_CHECKPOINT_FORMAT, CALIBRATION_FREE_FORMAT):
         raise ConfigError(f"checkpoint={path} has format {ckpt['format']!r}, this rledit reads "
-                          f"{EDITOR_CHECKPOINT_FORMAT!r} and {CALIBRATION_FREE_FORMAT!r}: train the editor again with this version")
+                          f"{EDITOR_CHECKPOINT_FORMAT!r} and {CALIBRATION_FREE_FORMAT!r}: train the editor again "
+                          "with this version")
     missing = [key for key in ("module_shapes", "state_dict", "config") if key not in ckpt]
     build = ckpt.get("config", {}).get("editor", {}).get("build", {})
     if not missing and "_target_" not in build:
