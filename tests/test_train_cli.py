@@ -9,9 +9,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from rledit.editors.ridge import RidgeEditor
 from rledit.errors import ConfigError
 from rledit.threads import cpu_threads
-from rledit.training.command import keep_best, train, validation_length
+from rledit.training.command import keep_best, restrict_training, train, validation_length
 from rledit.training.module import StartingEditor
 from tests.test_robustness_resume import REPO, TRAIN_OVERRIDES, editor_state
 
@@ -97,6 +98,31 @@ def test_keep_best_weighs_the_resumed_runs_best_epoch_against_this_runs(tmp_path
     keep_best(module, best, earlier=(earlier_score, str(paths["earlier"])))
     expected = states["earlier" if earlier_score > 0.6 else "this"]
     assert all(torch.equal(module.editor.state_dict()[k], expected["editor." + k]) for k in module.editor.state_dict())
+
+
+def test_training_only_the_step_sizes_and_ridges_leaves_the_network_where_it_started(small_world_model, tmp_path):
+    overrides = [*TRAIN_OVERRIDES, f"model.load.cache_dir={small_world_model.path.parent.parent}",
+                 f"run_dir={tmp_path}", "training.keep=last", "training.checkpoint_every_n_steps=null",
+                 "trainer.max_epochs=1", "training.trainable=[*log_eta,*log_lambda]"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
+        cfg = compose(config_name="train", overrides=overrides)
+    with cpu_threads(1):
+        trained = editor_state(train(cfg))
+    start = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "starting_editor"]["state"]
+    network = [k for k in trained if ".blocks." in k]  # the hypernetwork's layers, e.g. bank.nets.*.blocks.0.lowrank.B
+    scalars = [k for k in trained if k.endswith((".log_eta", ".log_lambda"))]
+    assert network and scalars
+    assert all(torch.equal(trained[k], start[k]) for k in network)
+    assert any(not torch.equal(trained[k], start[k]) for k in scalars)
+
+
+def test_a_trainable_pattern_that_names_no_parameter_is_refused_with_the_names_there_are():
+    editor = RidgeEditor({"m": (3, 4)}, rank=2)
+    with pytest.raises(ConfigError, match=r"training.trainable: '\*log_step'.*log_eta"):
+        restrict_training(editor, ["*log_eta", "*log_step"])
+    restrict_training(editor, "*log_eta")  # one pattern needs no list
+    assert [name for name, p in editor.named_parameters() if p.requires_grad] == ["bank.nets.3x4.log_eta"]
 
 
 def test_an_unknown_keep_option_is_named(small_world_model, tmp_path):

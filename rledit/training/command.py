@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import warnings
@@ -31,6 +32,7 @@ def train(cfg: DictConfig) -> Path:
         raise ConfigError(f"editor={cfg.editor.name} has nothing to train; evaluate it directly: "
                           f"python evaluate.py editor={cfg.editor.name}")
     set_up_editor(cfg, experiment, editor)
+    restrict_training(editor, cfg.training.trainable)
     objective: Objective = instantiate(cfg.editor.objective)
     training = cfg.training
     length = objective.sequence_length
@@ -67,6 +69,22 @@ def train(cfg: DictConfig) -> Path:
         print(f"editor checkpoint: {path}")
     close_ranks(trainer)
     return path
+
+
+def restrict_training(editor: torch.nn.Module, patterns: list[str] | str | None) -> None:
+    """Train only the editor's parameters whose names match one of `patterns` (shell-style, as `*log_eta`), to
+    learn a few scalars beside a network held where it starts; None trains them all. The optimizer takes only
+    parameters that require gradients, so the others keep their values, in checkpoints too."""
+    if patterns is None:
+        return
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    names = [name for name, _ in editor.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"training.trainable: {pattern!r} matches none of the editor's parameters: "
+                              + ", ".join(names))
+    for name, parameter in editor.named_parameters():
+        parameter.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
 
 
 def close_ranks(trainer: L.Trainer) -> None:
