@@ -80,7 +80,7 @@ def restrict_training(editor: torch.nn.Module, patterns: list[str] | str | None)
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     names = [name for name, _ in editor.named_parameters()]
     for pattern in patterns:
-        if not fnmatch.filter(names, pattern):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"training.trainable: {pattern!r} matches none of the editor's parameters: "
                               + ", ".join(names))
     for name, parameter in editor.named_parameters():
