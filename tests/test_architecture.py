@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rledit"
 
 LAYERS = [  # bottom to top: a module may import its own layer and the layers below
     ("foundation", ("rledit.errors", "rledit.atomic_write", "rledit.paths", "rledit.runtime", "rledit.threads",
-                    "rledit.heap")),
+                    "rledit.heap", "rledit.environment")),
     ("data", ("rledit.data",)),
     ("models and kernels", ("rledit.models", "rledit.kernels")),
     ("editing", ("rledit.editing",)),

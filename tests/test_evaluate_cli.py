@@ -92,6 +92,9 @@ def test_evaluate_py_writes_results_csv_and_plot(script_run):
     assert results["timing"]["peak_memory_bytes"] > 0
     assert results["refused_edits"] == 0 and results["skipped_records"] == 0
     assert results["config"]["model"]["name"] == "tiny" and results["config"]["run_dir"] == str(run_dir)
+    environment = results["environment"]  # what the numbers depend on beyond the config
+    assert environment["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment["packages"]["torch"] == torch.__version__ and environment["cuda_device"] is None
     editor = results["editor"]
     assert {key: editor[key] for key in ("name", "checkpoint", "class")} == {
         "name": "training_free", "checkpoint": None, "class": "rledit.editors.training_free.TrainingFreeEditor"}

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rledit.environment import describe_environment
 from rledit.evaluation.metrics import METRIC_DEFINITIONS
 from rledit.evaluation.runner import LifelongResult
 
@@ -39,6 +40,7 @@ def results_document(result: LifelongResult, *, skipped_records: int, editor: di
         "metric_definitions": {name: METRIC_DEFINITIONS[name] for name in metrics},
         "editor": editor,
         "config": config,
+        "environment": describe_environment(),
     })
 
 

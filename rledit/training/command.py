@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from rledit.atomic_write import partial_path
+from rledit.environment import describe_environment
 from rledit.errors import ConfigError
 from rledit.pipeline import build_editor, build_experiment, editor_checkpoint, set_up_editor
 from rledit.training.module import EditorTrainer, FrozenTarget
@@ -44,7 +45,7 @@ def train(cfg: DictConfig) -> Path:
     module = instantiate(cfg.module, _partial_=True)(editor, FrozenTarget(experiment.model, experiment.editable), objective)
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "environment": describe_environment()})
     if training.keep not in ("best", "last"):
         raise ConfigError(f"training.keep={training.keep!r}: expected 'best' or 'last'")
     callbacks = {name: instantiate(callback) for name, callback in (cfg.get("callbacks") or {}).items()}
