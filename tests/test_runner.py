@@ -13,6 +13,7 @@ from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import run_figure
 from rledit.evaluation.runner import Protocol, run_lifelong, validation_scores
+from rledit.evaluation.scoring import CF_SCORES
 from rledit.evaluation.scoring import RequestScorer, text_rows
 from rledit.models.layers import resolve_edit_modules
 from rledit.session import EditSession
@@ -156,9 +157,9 @@ def test_validation_scores_match_a_final_run_and_leave_model_and_editor_untouche
     steps = EditStream(records, protocol.num_steps, protocol.edits_per_step, protocol.seed).steps
     editor_before = {k: v.clone() for k, v in session.editor.state_dict().items()}
 
-    scores = validation_scores(session, [collator(step) for step in steps], chunk_rows=4)
+    scores = validation_scores(session, [collator(step) for step in steps], chunk_rows=4, collator=collator)
 
-    for key in ("efficacy", "generalization", "specificity", "specificity_agreement"):
+    for key in ("efficacy", "generalization", "specificity", "specificity_agreement", *CF_SCORES):
         assert scores[key] == pytest.approx(reference.metrics[key])
     assert scores["specificity_agreement"] < 1.0  # the edits moved some locality answers: agreement can tell
     assert scores["refused_edits"] == 0.0
@@ -166,6 +167,9 @@ def test_validation_scores_match_a_final_run_and_leave_model_and_editor_untouche
     assert len(session.ledger) == 0
     after = session.editor.state_dict()
     assert all(after[k].equal(v) for k, v in editor_before.items())
+    without_comparisons = validation_scores(session, [collator(step) for step in steps], chunk_rows=4)
+    assert not set(CF_SCORES) & without_comparisons.keys()
+    assert without_comparisons["efficacy"] == scores["efficacy"]
 
 
 def test_the_printed_table_keeps_a_destroyed_models_perplexity_in_its_column():

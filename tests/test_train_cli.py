@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from rledit.editors.ridge import RidgeEditor
 from rledit.errors import ConfigError
 from rledit.threads import cpu_threads
 from rledit.training.command import keep_best, restrict_training, train, validation_length
-from rledit.training.module import StartingEditor
+from rledit.training.module import EditorTrainer, StartingEditor
 from tests.test_robustness_resume import REPO, TRAIN_OVERRIDES, editor_state
 
 
@@ -123,6 +124,30 @@ def test_a_trainable_pattern_that_names_no_parameter_is_refused_with_the_names_t
         restrict_training(editor, ["*log_eta", "*log_step"])
     restrict_training(editor, "*log_eta")  # one pattern needs no list
     assert [name for name, p in editor.named_parameters() if p.requires_grad] == ["bank.nets.3x4.log_eta"]
+
+
+def test_the_validation_score_is_the_mean_of_the_metrics_training_val_score_names(small_world_model, tmp_path):
+    chosen = ["cf_efficacy_score", "cf_neighborhood_score", "specificity_agreement"]
+    overrides = [*TRAIN_OVERRIDES, f"model.load.cache_dir={small_world_model.path.parent.parent}",
+                 f"run_dir={tmp_path}", "training.checkpoint_every_n_steps=null", "trainer.max_epochs=1",
+                 "logger=csv", f"training.val_score=[{','.join(chosen)}]"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
+        cfg = compose(config_name="train", overrides=overrides)
+    with cpu_threads(1):
+        train(cfg)
+    (metrics,) = tmp_path.glob("logs/**/metrics.csv")
+    rows = [row for row in csv.DictReader(metrics.open()) if row["val/score"]]
+    assert len(rows) == 2  # the start, then the one epoch
+    for row in rows:
+        assert float(row["val/score"]) == pytest.approx(sum(float(row[f"val/{name}"]) for name in chosen) / 3)
+    start = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["starting_editor"]
+    assert start["score"] == pytest.approx(float(rows[0]["val/score"]))
+
+
+@pytest.mark.parametrize("val_score", [["efficacy", "cf_mean"], []])
+def test_a_validation_score_of_unknown_metrics_is_refused_with_the_names_there_are(val_score):
+    with pytest.raises(ConfigError, match=r"training.val_score=.*expected some of efficacy, .*cf_neighborhood_score"):
+        EditorTrainer(RidgeEditor({"m": (3, 4)}, rank=2), None, None, val_score=val_score)
 
 
 def test_an_unknown_keep_option_is_named(small_world_model, tmp_path):

@@ -153,15 +153,18 @@ def run_lifelong(session: EditSession, collator: EditCollator, records: Sequence
     return LifelongResult(protocol, len(stream), pre_edit, metrics, per_step, memory, source, refused)
 
 
-def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_rows: int = 64) -> dict[str, float]:
+def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_rows: int = 64,
+                      collator: EditCollator | None = None) -> dict[str, float]:
     """Commit `batches` in order, score efficacy, generalization, specificity and agreement with the model
     as it was before (as the lifelong evaluation does) of all of them on the final model, then revert: the
     model's weights and the editor's state (normalizer statistics) are restored exactly, so validation leaves
-    no trace on training. Refused batches are counted in `refused_edits`.
+    no trace on training. With `collator`, CounterFact's comparisons too, for the requests with a
+    target_true. Refused batches are counted in `refused_edits`.
     """
     model, editor = session.model, session.editor
-    scorer = RequestScorer(model, chunk_rows, generation=False)
-    reference = [scorer.score(batch).locality_predictions for batch in batches]
+    scorer = RequestScorer(model, chunk_rows, collator, generation=False)
+    unedited = RequestScorer(model, chunk_rows, generation=False)
+    reference = [unedited.score(batch).locality_predictions for batch in batches]
     editor_state = editor.snapshot()
     committed_before = len(session.ledger)
     refused = 0

@@ -15,6 +15,7 @@ before DDP's post-forward, so `prepare_for_backward` never runs and its gradient
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -28,8 +29,9 @@ from rledit.editing.ledger import UpdateLedger
 from rledit.editing.update import non_finite
 from rledit.editors.base import Editor
 from rledit.editors.normalizer import RunningNormalizer
-from rledit.errors import EditRefusedError
+from rledit.errors import ConfigError, EditRefusedError
 from rledit.evaluation.runner import validation_scores
+from rledit.evaluation.scoring import CF_SCORES
 from rledit.models.layers import EditableModule
 from rledit.session import EditSession
 from rledit.training.rollout import Objective, RolloutStats, rollout
@@ -52,9 +54,11 @@ class FrozenTarget:
         return UpdateLedger({name: em.weight_view() for name, em in self.editable.items()})
 
 
-# Agreement with the unedited model, not true-answer specificity: on CounterFact the unedited model's
-# specificity is about 0.1, so a score with it could not see an editor that breaks the rest of the model.
-VALIDATION_SCORE = ("efficacy", "generalization", "specificity_agreement")
+# What `training.val_score` may average. Agreement with the unedited model, not true-answer specificity, is
+# the default's locality term: on CounterFact the unedited model's specificity is about 0.1, so a score with it
+# could not see an editor that breaks the rest of the model.
+VALIDATION_METRICS = ("efficacy", "generalization", "specificity", "specificity_agreement", *CF_SCORES)
+TOKEN_SCORE = ("efficacy", "generalization", "specificity_agreement")
 
 
 @dataclass
@@ -112,8 +116,14 @@ class EditorTrainer(L.LightningModule):
     """Trains `editor` on sequences of edit batches with the given objective."""
 
     def __init__(self, editor: Editor, target: FrozenTarget, objective: Objective, lr: float = 1e-4,
-                 grad_clip: float | None = 1.0, step_every: int | None = None):
+                 grad_clip: float | None = 1.0, step_every: int | None = None,
+                 val_score: Sequence[str] = TOKEN_SCORE):
         super().__init__()
+        val_score = [val_score] if isinstance(val_score, str) else list(val_score)
+        unknown = [name for name in val_score if name not in VALIDATION_METRICS]
+        if unknown or not val_score:
+            raise ConfigError(f"training.val_score={list(val_score)}: expected some of {', '.join(VALIDATION_METRICS)}")
+        self.val_score = tuple(val_score)
         self.automatic_optimization = False
         self.editor = editor
         self.target = target
@@ -255,11 +265,16 @@ class EditorTrainer(L.LightningModule):
     def validation_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
         """Lifelong editing of the held-out sequence with the current editor, scored, then reverted.
 
-        `val/score`, the mean of efficacy, generalization and agreement with the unedited model, is what
-        `training.keep=best` selects the editor by.
+        `val/score`, the mean of the `val_score` metrics, is what `training.keep=best` selects the editor by.
         """
         self.editor.eval()
         session = EditSession(self.target.model, self.target.editable, self.editor)
-        scores = validation_scores(session, [batch.to(self.device) for batch in sequence])
-        scores["score"] = sum(scores.get(k, 0.0) for k in VALIDATION_SCORE) / len(VALIDATION_SCORE)
+        compare = any(name in CF_SCORES for name in self.val_score)  # CounterFact's comparisons cost a second pass
+        scores = validation_scores(session, [batch.to(self.device) for batch in sequence],
+                                   collator=self.trainer.datamodule.eval_sequences.collator if compare else None)
+        missing = [name for name in self.val_score if name not in scores]
+        if missing:
+            raise ConfigError(f"training.val_score: no validation request defines {', '.join(missing)} (CounterFact's "
+                              f"comparisons need records with a target_true)")
+        scores["score"] = sum(scores[name] for name in self.val_score) / len(self.val_score)
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, prog_bar=True, batch_size=1, sync_dist=True)
