@@ -20,6 +20,7 @@ from edit_step import PHASES, measure, timed_end_to_end, timed_floor, timed_phas
 from first_batch_calibration import module_means, seeds
 from gpu_llama import Size, build_session, random_edit_batch
 from harness import peak_bytes_of
+from kernel_sensitivity import compare, record
 from key_memory import RecomputingKeyMemory, edit_step
 from key_overlap import kept_share, nearest_cosine
 from nullspace_capacity import capacity
@@ -32,8 +33,10 @@ from rledit.editors.key_memory import KeyMemory
 from rledit.editors.locate import _reading
 from rledit.editors.memit import MemitEditor
 from rledit.editors.ridge import RidgeEditor
+from rledit.editors.training_free import TrainingFreeEditor
 from rledit.models.layers import resolve_edit_modules
 from rledit.models.statistics import PreservedStatistics
+from rledit.session import EditSession
 
 CPU = torch.device("cpu")
 MICRO = Size(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -194,3 +197,18 @@ def test_first_batch_calibration_averages_each_modules_calibrated_values():
         editor.bank.calibrate_log_lambda(name, ridge)
     assert module_means(editor.state_dict()) == pytest.approx((-5.0, 3.0))
     assert seeds("0-6") == list(range(7)) and seeds("3") == [3]
+
+
+def test_kernel_sensitivity_records_every_round_and_compares_a_run_with_itself_as_equal(ridge_edit_setup):
+    model, editable, shapes, batches = ridge_edit_setup
+    session = EditSession(model, editable, TrainingFreeEditor(shapes, rounds=2, init_shift=0.3))
+    try:
+        run = record(session, batches)
+    finally:
+        session.revert()
+    assert len(run["steps"]) == len(batches)
+    assert all(len(step["rounds"]) == session.editor.rounds for step in run["steps"])
+    assert all(float(u.norm()) > 0 for u in run["steps"][-1]["update"].values())
+    assert all(r == 0.0 for rounds, update in compare(run, run) for r in [*rounds, update])
+    other = {"steps": [{**step, "update": {k: 2 * u for k, u in step["update"].items()}} for step in run["steps"]]}
+    assert compare(other, run)[-1][1] == pytest.approx(1.0)  # twice the update: a relative difference of 1

@@ -13,8 +13,7 @@ from rledit.editors.training_free import TrainingFreeEditor
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import run_figure
 from rledit.evaluation.runner import Protocol, run_lifelong, validation_scores
-from rledit.evaluation.scoring import CF_SCORES
-from rledit.evaluation.scoring import RequestScorer, text_rows
+from rledit.evaluation.scoring import CF_SCORES, RequestScorer, text_rows
 from rledit.models.layers import resolve_edit_modules
 from rledit.session import EditSession
 from rledit.threads import cpu_threads
