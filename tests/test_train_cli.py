@@ -14,7 +14,7 @@ from rledit.editors.ridge import RidgeEditor
 from rledit.errors import ConfigError
 from rledit.threads import cpu_threads
 from rledit.training.command import keep_best, restrict_training, train, validation_length
-from rledit.training.module import EditorTrainer, StartingEditor
+from rledit.training.module import EditorTrainer, StartingEditor, validation_score
 from tests.test_robustness_resume import REPO, TRAIN_OVERRIDES, editor_state
 
 
@@ -148,6 +148,13 @@ def test_the_validation_score_is_the_mean_of_the_metrics_training_val_score_name
 def test_a_validation_score_of_unknown_metrics_is_refused_with_the_names_there_are(val_score):
     with pytest.raises(ConfigError, match=r"training.val_score=.*expected some of efficacy, .*cf_neighborhood_score"):
         EditorTrainer(RidgeEditor({"m": (3, 4)}, rank=2), None, None, val_score=val_score)
+
+
+def test_a_validation_score_of_metrics_the_requests_do_not_define_names_them():
+    scores = {"efficacy": 0.5, "specificity_agreement": 0.9}
+    assert validation_score(scores, ["efficacy", "specificity_agreement"]) == pytest.approx(0.7)
+    with pytest.raises(ConfigError, match="no validation request defines cf_efficacy_score .*target_true"):
+        validation_score(scores, ["cf_efficacy_score", "efficacy"])
 
 
 def test_an_unknown_keep_option_is_named(small_world_model, tmp_path):

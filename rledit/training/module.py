@@ -61,6 +61,15 @@ VALIDATION_METRICS = ("efficacy", "generalization", "specificity", "specificity_
 TOKEN_SCORE = ("efficacy", "generalization", "specificity_agreement")
 
 
+def validation_score(scores: dict[str, float], names: Sequence[str]) -> float:
+    """The mean of the `names` metrics of `scores`; a ConfigError names those no validation request defined."""
+    missing = [name for name in names if name not in scores]
+    if missing:
+        raise ConfigError(f"training.val_score: no validation request defines {', '.join(missing)} (CounterFact's "
+                          f"comparisons need records with a target_true)")
+    return sum(scores[name] for name in names) / len(names)
+
+
 @dataclass
 class StartingEditor:
     """The editor's state before any optimizer step, and its validation score."""
@@ -122,7 +131,8 @@ class EditorTrainer(L.LightningModule):
         val_score = [val_score] if isinstance(val_score, str) else list(val_score)
         unknown = [name for name in val_score if name not in VALIDATION_METRICS]
         if unknown or not val_score:
-            raise ConfigError(f"training.val_score={list(val_score)}: expected some of {', '.join(VALIDATION_METRICS)}")
+            raise ConfigError(f"training.val_score={list(val_score)}: expected some of "
+                              f"{', '.join(VALIDATION_METRICS)}")
         self.val_score = tuple(val_score)
         self.automatic_optimization = False
         self.editor = editor
@@ -272,9 +282,5 @@ class EditorTrainer(L.LightningModule):
         compare = any(name in CF_SCORES for name in self.val_score)  # CounterFact's comparisons cost a second pass
         scores = validation_scores(session, [batch.to(self.device) for batch in sequence],
                                    collator=self.trainer.datamodule.eval_sequences.collator if compare else None)
-        missing = [name for name in self.val_score if name not in scores]
-        if missing:
-            raise ConfigError(f"training.val_score: no validation request defines {', '.join(missing)} (CounterFact's "
-                              f"comparisons need records with a target_true)")
-        scores["score"] = sum(scores[name] for name in self.val_score) / len(self.val_score)
+        scores["score"] = validation_score(scores, self.val_score)
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, prog_bar=True, batch_size=1, sync_dist=True)
