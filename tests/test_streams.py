@@ -123,6 +123,20 @@ def test_evaluation_sequence_is_single_fixed_and_held_out():
     assert {i for step in _sequence_ids(first[0]) for i in step} <= set(_ids(held_out))
 
 
+def test_several_validation_sequences_are_distinct_orders_of_the_held_out_records_every_time():
+    train, held_out = split_records(RECORDS, eval_size=9, seed=0)
+    module = EditStreamDataModule(train, held_out, COLLATOR, edits_per_step=3, train_num_steps=4, eval_num_steps=2,
+                                  sequences_per_epoch=3, seed=0, val_sequences=3)
+    first = [_sequence_ids(s) for s in module.val_dataloader()]
+    assert len(first) == 3 and first == [_sequence_ids(s) for s in module.val_dataloader()]
+    assert len({str(s) for s in first}) == 3
+    assert first[0] == _sequence_ids(next(iter(_data_module(train, held_out).val_dataloader())))
+    assert all(i in _ids(held_out) for s in first for step in s for i in step)
+    with pytest.raises(ConfigError, match="training.val_sequences=0"):
+        EditStreamDataModule(train, held_out, COLLATOR, edits_per_step=3, train_num_steps=4, eval_num_steps=2,
+                             sequences_per_epoch=3, seed=0, val_sequences=0)
+
+
 def test_data_module_refuses_overlapping_or_too_small_record_sets():
     train, held_out = split_records(RECORDS, eval_size=9, seed=0)
     with pytest.raises(DataError, match=rf"record id '{held_out[2].record_id}' is both training record "

@@ -130,14 +130,14 @@ def test_the_validation_score_is_the_mean_of_the_metrics_training_val_score_name
     chosen = ["cf_efficacy_score", "cf_neighborhood_score", "specificity_agreement"]
     overrides = [*TRAIN_OVERRIDES, f"model.load.cache_dir={small_world_model.path.parent.parent}",
                  f"run_dir={tmp_path}", "training.checkpoint_every_n_steps=null", "trainer.max_epochs=1",
-                 "logger=csv", f"training.val_score=[{','.join(chosen)}]"]
+                 "logger=csv", f"training.val_score=[{','.join(chosen)}]", "training.val_sequences=2"]
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
         cfg = compose(config_name="train", overrides=overrides)
     with cpu_threads(1):
         train(cfg)
     (metrics,) = tmp_path.glob("logs/**/metrics.csv")
     rows = [row for row in csv.DictReader(metrics.open()) if row["val/score"]]
-    assert len(rows) == 2  # the start, then the one epoch
+    assert len(rows) == 2  # the start, then the one epoch, each the mean over the two sequences
     for row in rows:
         assert float(row["val/score"]) == pytest.approx(sum(float(row[f"val/{name}"]) for name in chosen) / 3)
     start = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["starting_editor"]

@@ -164,17 +164,21 @@ class ResumableLoader(DataLoader):
 
 
 class EditStreamDataModule(LightningDataModule):
-    """Training sequences of edit batches and the one fixed held-out evaluation sequence.
+    """Training sequences of edit batches and the fixed held-out evaluation sequences.
 
     Each training item is a list of `train_num_steps` EditBatch (one training sequence, no request
-    repeated inside it); the validation loader yields a single list of `eval_num_steps` EditBatch drawn
-    from `eval_records` only.
+    repeated inside it); the validation loader yields `val_sequences` such lists of `eval_num_steps`
+    EditBatch, the same ones every time, drawn from `eval_records` only. One long sequence's result is one
+    draw among many (its rounding alone moves it), so choosing between editors wants several.
     """
 
     def __init__(self, train_records: Sequence[EditRecord], eval_records: Sequence[EditRecord],
                  collator: EditCollator, edits_per_step: int, train_num_steps: int, eval_num_steps: int,
-                 sequences_per_epoch: int, seed: int):
+                 sequences_per_epoch: int, seed: int, val_sequences: int = 1):
         super().__init__()
+        if val_sequences < 1:
+            raise ConfigError(f"training.val_sequences={val_sequences}: need at least one validation sequence")
+        self.val_sequences = val_sequences
         _require_disjoint(train_records, eval_records)
         self.train_sequences = EditSequences(train_records, collator, train_num_steps, edits_per_step, seed,
                                              role="training")
@@ -186,4 +190,4 @@ class EditStreamDataModule(LightningDataModule):
         return ResumableLoader(self.train_sequences, batch_size=None, sampler=self.sampler, num_workers=0)
 
     def val_dataloader(self) -> DataLoader[list[EditBatch]]:
-        return DataLoader(self.eval_sequences, batch_size=None, sampler=[0], num_workers=0)
+        return DataLoader(self.eval_sequences, batch_size=None, sampler=range(self.val_sequences), num_workers=0)

@@ -273,9 +273,10 @@ class EditorTrainer(L.LightningModule):
         return bool(flag)
 
     def validation_step(self, sequence: list[EditBatch], batch_idx: int) -> None:
-        """Lifelong editing of the held-out sequence with the current editor, scored, then reverted.
+        """Lifelong editing of one held-out sequence with the current editor, scored, then reverted.
 
-        `val/score`, the mean of the `val_score` metrics, is what `training.keep=best` selects the editor by.
+        `val/score`, the mean of the `val_score` metrics (Lightning averages each over the validation
+        sequences), is what `training.keep=best` selects the editor by.
         """
         self.editor.eval()
         session = EditSession(self.target.model, self.target.editable, self.editor)
