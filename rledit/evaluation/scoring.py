@@ -34,9 +34,6 @@ from rledit.evaluation.metrics import (
 
 CF_SCORES = ("cf_efficacy_score", "cf_paraphrase_score", "cf_neighborhood_score")
 """CounterFact's comparisons on edit, rephrase and locality (neighbourhood) prompts, in that order."""
-CF_MEAN_OF = (*CF_SCORES, "specificity_agreement")
-"""What `cf_mean`, the headline of a CounterFact run, averages: the three comparisons and agreement with the
-unedited model (CounterFact's own specificity is low before any edit, so it cannot show a model broken)."""
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -21,12 +21,12 @@ from matplotlib.figure import Figure
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import MARKERS
 from rledit.evaluation.report import RESULTS_FILE
-from rledit.evaluation.scoring import CF_MEAN_OF
 
 METRICS = ("efficacy", "generalization", "specificity", "specificity_agreement", "cf_efficacy_score",
            "cf_paraphrase_score", "cf_neighborhood_score", "unedited_cf_neighborhood", "cf_mean",
            "generation_exact_match", "perplexity", "unedited_perplexity", "edit_seconds_per_step", "seconds_per_edit",
            "refused_edits")
+CF_MEAN_OF = ("cf_efficacy_score", "cf_paraphrase_score", "cf_neighborhood_score", "specificity_agreement")
 COLUMNS = ("editor", "num_steps", "edits_per_step", "num_requests", "seeds", *METRICS, "cf_mean_sd", "run")
 PLOTTED = ("efficacy", "generalization", "specificity_agreement", "cf_neighborhood_score")
 

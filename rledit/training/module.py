@@ -134,6 +134,7 @@ class EditorTrainer(L.LightningModule):
             raise ConfigError(f"training.val_score={list(val_score)}: expected some of "
                               f"{', '.join(VALIDATION_METRICS)}")
         self.val_score = tuple(val_score)
+        self.compares_counterfact = any(name in CF_SCORES for name in self.val_score)  # costs a second scoring pass
         self.automatic_optimization = False
         self.editor = editor
         self.target = target
@@ -280,8 +281,7 @@ class EditorTrainer(L.LightningModule):
         """
         self.editor.eval()
         session = EditSession(self.target.model, self.target.editable, self.editor)
-        compare = any(name in CF_SCORES for name in self.val_score)  # CounterFact's comparisons cost a second pass
-        scores = validation_scores(session, [batch.to(self.device) for batch in sequence],
-                                   collator=self.trainer.datamodule.eval_sequences.collator if compare else None)
+        collator = self.trainer.datamodule.eval_sequences.collator if self.compares_counterfact else None
+        scores = validation_scores(session, [batch.to(self.device) for batch in sequence], collator=collator)
         scores["score"] = validation_score(scores, self.val_score)
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, prog_bar=True, batch_size=1, sync_dist=True)
