@@ -32,13 +32,12 @@ class FactorEditor(Editor):
     `rounds` > 1 captures and predicts again on the model with the earlier rounds' update applied, and
     commits the rounds' updates as one: a single step is linearised where the edit starts, and a far
     target (a new object) is reached by re-linearising, as the locate-then-edit methods optimise theirs.
-    `round_decay` < 1 scales round r's update by round_decay^(r - round_decay_start + 1) from round
-    `round_decay_start` on: the first rounds travel, the later ones refine, as a decaying step size lets an optimiser
-    settle instead of overshooting where the edit loss is curved.
+    `round_decay` < 1 scales round r's update by round_decay^r: the first rounds travel, the later ones refine, as a
+    decaying step size lets an optimiser settle instead of overshooting where the edit loss is curved.
     """
 
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
-                 rounds: int = 1, round_decay: float = 1.0, round_decay_start: int = 1):
+                 rounds: int = 1, round_decay: float = 1.0):
         super().__init__(module_shapes)
         if capture_tokens not in CAPTURE_TOKENS:
             raise ConfigError(f"editor option capture_tokens={capture_tokens!r}: expected one of {CAPTURE_TOKENS}")
@@ -46,14 +45,10 @@ class FactorEditor(Editor):
             raise ConfigError(f"editor option rounds={rounds}: need at least 1 round per edit batch")
         if not 0.0 < round_decay <= 1.0:
             raise ConfigError(f"editor option round_decay={round_decay}: need 0 < round_decay <= 1")
-        if round_decay_start < 1:
-            raise ConfigError(f"editor option round_decay_start={round_decay_start}: round 0 is never decayed, "
-                              "need round_decay_start >= 1")
         self.capture_tokens = capture_tokens
         self.needs_subject = capture_tokens == "subject"
         self.rounds = rounds
         self.round_decay = round_decay
-        self.round_decay_start = round_decay_start
 
     def capture(self, model: nn.Module, modules: Mapping[str, nn.Module], batch) -> dict[str, CapturedFactors]:
         """One forward/backward of the edit loss on `batch` (a TokenizedBatch), recording K and G."""
@@ -74,9 +69,8 @@ class FactorEditor(Editor):
             with functional_update(modules, {name: u.detach() for name, u in update.items()}):
                 factors = self.capture(model, modules, batch)
             step = self.update_from_factors(factors)
-            decays = r - self.round_decay_start + 1
-            if decays > 0 and self.round_decay != 1.0:
-                step = {name: replace(u, alpha=u.alpha * self.round_decay ** decays) for name, u in step.items()}
+            if r and self.round_decay != 1.0:
+                step = {name: replace(u, alpha=u.alpha * self.round_decay ** r) for name, u in step.items()}
             update = concat_updates(update, step)
         return update
 

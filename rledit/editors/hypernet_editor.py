@@ -40,12 +40,12 @@ class HypernetEditor(FactorEditor):
     def __init__(self, module_shapes: Mapping[str, tuple[int, int]], capture_tokens: str = "target",
                  rank: int = 64, n_blocks: int = 1, normalize: bool = True, lifelong_norm: bool = True,
                  init_shift: float = 1.0, norm_per_sequence: bool = False, rounds: int = 1,
-                 recalibrate: bool = False, round_decay: float = 1.0, round_decay_start: int = 1):
-        super().__init__(module_shapes, capture_tokens, rounds, round_decay, round_decay_start)
+                 recalibrate: bool = False, round_decay: float = 1.0):
+        super().__init__(module_shapes, capture_tokens, rounds, round_decay)
         self.hparams = {"rank": rank, "n_blocks": n_blocks, "normalize": normalize,
                         "lifelong_norm": lifelong_norm, "init_shift": init_shift,
                         "norm_per_sequence": norm_per_sequence, "rounds": rounds, "recalibrate": recalibrate,
-                        "round_decay": round_decay, "round_decay_start": round_decay_start}
+                        "round_decay": round_decay}
         self.bank = HyperNetworkBank(self.module_shapes, net=self.net_kind, rank=rank, n_blocks=n_blocks,
                                      normalize=normalize, update_during_edit=lifelong_norm)
         self.register_buffer("calibrated", torch.tensor(False))

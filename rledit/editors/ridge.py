@@ -38,10 +38,9 @@ class RidgeEditor(HypernetEditor):
                  init_shift: float = 1.0, init_ridge: float = 0.1, edit_memory: float = 0.0,
                  norm_per_sequence: bool = False, preserve_weight: float = 0.0,
                  nullspace_threshold: float | None = None, threshold_kind: str = "relative", rounds: int = 1,
-                 clamp_norm: float | None = None, recalibrate: bool = False, round_decay: float = 1.0,
-                 round_decay_start: int = 1):
+                 clamp_norm: float | None = None, recalibrate: bool = False, round_decay: float = 1.0):
         super().__init__(module_shapes, capture_tokens, rank, n_blocks, normalize, lifelong_norm, init_shift,
-                         norm_per_sequence, rounds, recalibrate, round_decay, round_decay_start)
+                         norm_per_sequence, rounds, recalibrate, round_decay)
         if preserve_weight < 0 or any(v is not None and v <= 0 for v in (nullspace_threshold, clamp_norm)):
             raise ConfigError(f"ridge editor: preserve_weight={preserve_weight} must be >= 0, "
                               f"nullspace_threshold={nullspace_threshold} and clamp_norm={clamp_norm} > 0 or null")

@@ -17,12 +17,12 @@ class TrainingFreeEditor(RidgeEditor):
                  init_ridge: float = 0.1, edit_memory: float = 0.0, norm_per_sequence: bool = False,
                  preserve_weight: float = 0.0, nullspace_threshold: float | None = None,
                  threshold_kind: str = "relative", rounds: int = 1, clamp_norm: float | None = None,
-                 round_decay: float = 1.0, round_decay_start: int = 1):
+                 round_decay: float = 1.0):
         super().__init__(module_shapes, capture_tokens, rank=1, n_blocks=0, normalize=normalize,
                          lifelong_norm=lifelong_norm, init_shift=init_shift, init_ridge=init_ridge,
                          edit_memory=edit_memory, norm_per_sequence=norm_per_sequence,
                          preserve_weight=preserve_weight, nullspace_threshold=nullspace_threshold,
                          threshold_kind=threshold_kind, rounds=rounds, clamp_norm=clamp_norm,
-                         round_decay=round_decay, round_decay_start=round_decay_start)
+                         round_decay=round_decay)
         self.requires_grad_(False)
 
