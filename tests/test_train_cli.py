@@ -23,7 +23,7 @@ def lightning_editor_state(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("editor."): value for key, value in state.items()}
 
 
-@pytest.mark.parametrize("keep", ["best", "last"])
+@pytest.mark.parametrize("keep", ["best", "best_epoch", "last"])
 def test_editor_checkpoint_holds_the_kept_editor(small_world_model, tmp_path, keep):
     overrides = [*TRAIN_OVERRIDES, f"model.load.cache_dir={small_world_model.path.parent.parent}",
                  f"run_dir={tmp_path}", f"training.keep={keep}", "training.checkpoint_every_n_steps=null"]
@@ -38,6 +38,8 @@ def test_editor_checkpoint_holds_the_kept_editor(small_world_model, tmp_path, ke
         next(k for k in last["callbacks"] if "val/score" in k and "max" in k)]["best_model_score"])
     if keep == "last":
         kept = lightning_editor_state(tmp_path / "checkpoints" / "last.ckpt")
+    elif keep == "best_epoch":
+        kept = lightning_editor_state(best)
     else:
         kept = start["state"] if start["score"] > best_score else lightning_editor_state(best)
     assert saved.keys() == kept.keys()
@@ -73,17 +75,23 @@ class _Trainer(torch.nn.Module):
             self.editor.weight.add_(1.0)  # "trained"
 
 
+@pytest.mark.parametrize("start_competes", [True, False])
 @pytest.mark.parametrize("best_score", [None, 0.4, 0.6])
-def test_keep_best_hands_back_the_starting_editor_unless_an_epoch_beat_it(tmp_path, best_score):
+def test_keep_best_hands_back_the_starting_editor_unless_an_epoch_beat_it(tmp_path, best_score, start_competes):
     module = _Trainer()
+    trained = {k: v.clone() for k, v in module.editor.state_dict().items()}
     best_epoch = {k: v + 7.0 for k, v in module.state_dict().items()}
     path = tmp_path / "best-epoch=0.ckpt"
     torch.save({"state_dict": best_epoch}, path)
     best = SimpleNamespace(best_model_path=str(path) if best_score is not None else "",
                            best_model_score=torch.tensor(best_score if best_score is not None else 0.0))
-    keep_best(module, best)
-    expected = module.start.state if best_score in (None, 0.4) else \
-        {k.removeprefix("editor."): v for k, v in best_epoch.items()}
+    keep_best(module, best, start_competes=start_competes)
+    if best_score is None:  # no epoch was validated
+        expected = module.start.state if start_competes else trained
+    elif best_score == 0.4 and start_competes:  # below the start's 0.5
+        expected = module.start.state
+    else:
+        expected = {k.removeprefix("editor."): v for k, v in best_epoch.items()}
     assert all(torch.equal(module.editor.state_dict()[k], expected[k]) for k in expected)
 
 

@@ -46,12 +46,13 @@ def train(cfg: DictConfig) -> Path:
     logger = instantiate(cfg.logger) if cfg.logger else False
     if logger:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "environment": describe_environment()})
-    if training.keep not in ("best", "last"):
-        raise ConfigError(f"training.keep={training.keep!r}: expected 'best' or 'last'")
+    if training.keep not in ("best", "best_epoch", "last"):
+        raise ConfigError(f"training.keep={training.keep!r}: expected 'best', 'best_epoch' or 'last'")
     callbacks = {name: instantiate(callback) for name, callback in (cfg.get("callbacks") or {}).items()}
     best = callbacks.get("best")
-    if training.keep == "best" and best is None:
-        raise ConfigError("training.keep=best needs the `best` checkpoint callback (configs/callbacks/default.yaml)")
+    if training.keep != "last" and best is None:
+        raise ConfigError(f"training.keep={training.keep} needs the `best` checkpoint callback "
+                          f"(configs/callbacks/default.yaml)")
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
                           callbacks=list(callbacks.values()))
     # The training stream is checkpointed with its position (EditStreamDataModule's loader), so resuming
@@ -60,8 +61,8 @@ def train(cfg: DictConfig) -> Path:
         (scores,) = trainer.validate(module, datamodule=datamodule, verbose=False)
         module.remember_start(scores["val/score"])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
-    if training.keep == "best":
-        keep_best(module, best, earlier_best(cfg.resume, best))
+    if training.keep != "last":
+        keep_best(module, best, earlier_best(cfg.resume, best), start_competes=training.keep == "best")
     path = run_dir / "editor.ckpt"
     if trainer.is_global_zero:  # written whole then renamed: a kill never leaves a truncated editor.ckpt
         partial = partial_path(path)
@@ -96,15 +97,17 @@ def close_ranks(trainer: L.Trainer) -> None:
         torch.distributed.destroy_process_group()
 
 
-def keep_best(module: EditorTrainer, best: ModelCheckpoint, earlier: tuple[float, str] | None = None) -> None:
+def keep_best(module: EditorTrainer, best: ModelCheckpoint, earlier: tuple[float, str] | None = None,
+              start_competes: bool = True) -> None:
     """Load the editor of the best validation score into `module`: the best epoch's (this run's, or `earlier`, the
     best a resumed run recorded in another folder), or the starting editor's when no epoch beat it (training that
-    only made the editor worse hands back the editor it started from)."""
+    only made the editor worse hands back the editor it started from). Without `start_competes` the best epoch is
+    kept even then: a baseline is reported as its method trains it, not as the editor it started from."""
     epochs = [earlier] if earlier else []
     if best.best_model_path and best.best_model_score is not None:
         epochs.append((float(best.best_model_score), best.best_model_path))
     trained, path = max(epochs, default=(-math.inf, ""))
-    start = module.start
+    start = module.start if start_competes else None
     if start is not None and start.score > trained:
         module.editor.load_state_dict(start.state)
         print(f"no epoch beat the starting editor's validation score ({start.score:.4f} against {trained:.4f}): "
