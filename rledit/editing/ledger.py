@@ -78,11 +78,12 @@ class UpdateLedger:
         return {name: float(torch.linalg.matrix_norm(self._masters[name] - self._originals[name].float()))
                 for name in self._weights}
 
-    def save(self, path: str | Path) -> None:
-        """Export the committed updates, in order, as one safetensors file."""
+    def save(self, path: str | Path, start: int = 0) -> None:
+        """Export the committed updates from index `start` on, in order, as one safetensors file (`load` on a
+        ledger holding the first `start` gives back all of them)."""
         tensors: dict[str, torch.Tensor] = {}
         alphas = []
-        for i, update in enumerate(self._updates):
+        for i, update in enumerate(self._updates[start:]):
             alphas.append({name: u.alpha for name, u in update.items()})
             for name, u in update.items():
                 tensors[f"{i}/{name}/P"] = u.P.contiguous().cpu()

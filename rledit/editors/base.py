@@ -82,3 +82,11 @@ class Editor(nn.Module, ABC):
 
     def restore(self, snapshot: Any) -> None:
         self.load_state_dict(snapshot)
+
+    def sequence_state(self) -> dict[str, Any]:
+        """What the commits of the current sequence taught this editor, for continuing an interrupted run
+        exactly where it stopped (written with torch.save): the state dict, plus what subclasses keep outside it."""
+        return {"state_dict": self.state_dict()}
+
+    def load_sequence_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["state_dict"])

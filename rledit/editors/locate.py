@@ -170,6 +170,13 @@ class LocateEditor(Editor):
         if self.key_memory is not None:
             self.key_memory.revert(k)
 
+    def sequence_state(self) -> dict[str, Any]:
+        return {**super().sequence_state(), "commits": self.commits, "key_memory": self.key_memory}
+
+    def load_sequence_state(self, state: dict[str, Any]) -> None:
+        super().load_sequence_state(state)
+        self.commits, self.key_memory = state["commits"], state["key_memory"]
+
     def snapshot(self) -> Any:
         return None  # the state changes only on commit (the key memory's pending keys are dropped below)
 

@@ -119,3 +119,10 @@ class RidgeEditor(HypernetEditor):
         super().reverted(k)
         if self.key_memory is not None:
             self.key_memory.revert(k)
+
+    def sequence_state(self) -> dict[str, Any]:
+        return {**super().sequence_state(), "key_memory": self.key_memory}
+
+    def load_sequence_state(self, state: dict[str, Any]) -> None:
+        super().load_sequence_state(state)
+        self.key_memory = state["key_memory"]

@@ -18,6 +18,7 @@ from rledit.data.collate import EditBatch, EditCollator, TokenizedBatch
 from rledit.data.records import EditRecord
 from rledit.data.streams import EditStream
 from rledit.errors import ConfigError, EditRefusedError
+from rledit.evaluation.progress import RunProgress, RunState
 from rledit.evaluation.scoring import RequestScorer, RequestScores, heldout_perplexity, model_device
 from rledit.session import EditSession
 
@@ -98,11 +99,13 @@ class LifelongResult:
 
 
 def run_lifelong(session: EditSession, collator: EditCollator, records: Sequence[EditRecord], protocol: Protocol,
-                 heldout: TokenizedBatch | None = None, scorer: RequestScorer | None = None) -> LifelongResult:
+                 heldout: TokenizedBatch | None = None, scorer: RequestScorer | None = None,
+                 progress: RunProgress | None = None) -> LifelongResult:
     """Run `protocol` on a stream drawn from `records` with `session`'s editor; the session keeps the edits.
 
     `heldout` rows (see `scoring.text_rows`) add perplexity wherever metrics are measured. The default
-    scorer measures every metric the collator allows, `protocol.eval_batch_size` rows at a time.
+    scorer measures every metric the collator allows, `protocol.eval_batch_size` rows at a time. With
+    `progress`, the run saves its state every `progress.every` steps and first continues from a save there.
     """
     model = session.model
     model.eval()
@@ -121,36 +124,40 @@ def run_lifelong(session: EditSession, collator: EditCollator, records: Sequence
         return summary
 
     everything = collator(stream)
-    pre = scorer.score(everything, phase="scoring the unedited model")
-    reference = pre.locality_predictions
-    pre_edit = pre.summary()
-    pre_edit["specificity_agreement"] = None if pre_edit["specificity"] is None else 1.0  # agrees with itself
-    pre_edit = with_perplexity(pre_edit, "unedited")
-    per_step: list[StepRecord] = []
-    immediate_parts: list[RequestScores] = []
-    refused = 0
-    for index, batch in enumerate(tqdm(batches, desc=f"editing {len(stream)} requests", unit="step")):
-        step, edits = index + 1, (index + 1) * protocol.edits_per_step
+    run = progress.resume(session) if progress is not None else None
+    if run is None:
+        pre = scorer.score(everything, phase="scoring the unedited model")
+        pre_edit = pre.summary()
+        pre_edit["specificity_agreement"] = None if pre_edit["specificity"] is None else 1.0  # agrees with itself
+        run = RunState(with_perplexity(pre_edit, "unedited"), pre.locality_predictions)
+    else:
+        print(f"continuing from the progress saved after step {run.steps_done} of {len(batches)} in {progress.folder}")
+    reference = run.reference
+    for index in tqdm(range(run.steps_done, len(batches)), desc=f"editing {len(stream)} requests", unit="step",
+                      initial=run.steps_done, total=len(batches)):
+        batch, step, edits = batches[index], index + 1, (index + 1) * protocol.edits_per_step
         seconds, accepted = _timed_edit(session, batch.to(device), device)
-        refused += not accepted
+        run.refused += not accepted
         record = StepRecord(step, edits, seconds, not accepted, session.ledger.cumulative_norms())
         if protocol.eval_timing == "immediate":
-            immediate_parts.append(scorer.score(batch, reference[edits - protocol.edits_per_step:edits]))
-            record.metrics = immediate_parts[-1].summary()
+            run.immediate_parts.append(scorer.score(batch, reference[edits - protocol.edits_per_step:edits]))
+            record.metrics = run.immediate_parts[-1].summary()
         elif protocol.evaluates_after(step):
             scores = scorer.score(collator(stream[:edits]), reference[:edits], phase=f"scoring after step {step}")
             record.metrics = with_perplexity(scores.summary(), f"step-{step}")
-        per_step.append(record)
+        run.per_step.append(record)
+        if progress is not None and progress.due(step):
+            progress.save(session, run)
 
     if protocol.eval_timing == "final":
         metrics = with_perplexity(scorer.score(everything, reference, phase="scoring the final model").summary(),
                                   "final")
     elif protocol.eval_timing == "immediate":
-        metrics = with_perplexity(RequestScores.concat(immediate_parts).summary(), "final")
+        metrics = with_perplexity(RequestScores.concat(run.immediate_parts).summary(), "final")
     else:
-        metrics = per_step[-1].metrics
+        metrics = run.per_step[-1].metrics
     memory, source = _peak_memory(device)
-    return LifelongResult(protocol, len(stream), pre_edit, metrics, per_step, memory, source, refused)
+    return LifelongResult(protocol, len(stream), run.pre_edit, metrics, run.per_step, memory, source, run.refused)
 
 
 def validation_scores(session: EditSession, batches: Sequence[EditBatch], chunk_rows: int = 64,
