@@ -14,7 +14,13 @@ from rledit.editors.base import Editor
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import PLOT_FILE, plot_run
 from rledit.evaluation.progress import RunProgress
-from rledit.evaluation.report import format_table, results_document, write_per_step_csv, write_results
+from rledit.evaluation.report import (
+    format_table,
+    results_document,
+    results_options,
+    write_per_step_csv,
+    write_results,
+)
 from rledit.evaluation.runner import Protocol, run_lifelong
 from rledit.evaluation.saved_edits import save_edited_model
 from rledit.evaluation.scoring import RequestScorer, text_rows
@@ -34,7 +40,6 @@ from rledit.session import EditSession
 from rledit.threads import cpu_threads
 
 PROGRESS_FOLDER = "progress"
-OPTIONS_THAT_KEEP_RESULTS = ("run_dir", "cpu_threads", "logger", "save_edited", "progress_every", "paths")
 
 HOW_TO_EVALUATE_A_TRAINED_EDITOR = (
     "To evaluate a trained RLEdit editor instead: run `python train.py` (it saves editor.ckpt in its run "
@@ -70,7 +75,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
                            generation=cfg.metrics.generation)
     config = OmegaConf.to_container(cfg, resolve=True)
     progress = None if cfg.get("progress_every") is None else \
-        RunProgress(run_dir / PROGRESS_FOLDER, cfg.progress_every, _results_options(config))
+        RunProgress(run_dir / PROGRESS_FOLDER, cfg.progress_every, results_options(config))
     result = run_lifelong(session, experiment.collator, experiment.data.eval, protocol,
                           heldout=heldout_rows(cfg, experiment), scorer=scorer, progress=progress)
 
@@ -89,12 +94,6 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(format_table(result, experiment.data.skipped))
     print(f"results: {run_dir / 'results.json'}, {run_dir / 'per_step.csv'}, {plot}")
     return document
-
-
-def _results_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The options a run's results depend on: all but where it writes, how many threads it uses (a change
-    of threads is reported as a change of environment) and how often it saves its progress."""
-    return {key: value for key, value in config.items() if key not in OPTIONS_THAT_KEEP_RESULTS}
 
 
 def _num_steps(cfg: DictConfig) -> int:

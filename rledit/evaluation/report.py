@@ -17,6 +17,16 @@ RESULTS_FILE = "results.json"
 PER_STEP_FILE = "per_step.csv"
 
 
+# Options that change where a run writes, what it logs or how often it saves, not what it measures (threads
+# can move the last digits, which results.json records as its environment).
+OPTIONS_THAT_KEEP_RESULTS = ("run_dir", "cpu_threads", "logger", "save_edited", "progress_every", "paths")
+
+
+def results_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's resolved config less OPTIONS_THAT_KEEP_RESULTS: what two runs must share to be the same run."""
+    return {key: value for key, value in config.items() if key not in OPTIONS_THAT_KEEP_RESULTS}
+
+
 def ordered_metrics(values: dict[str, float | None]) -> dict[str, float | None]:
     """Metrics in the order of METRIC_DEFINITIONS (the order of the table and the plot)."""
     return {name: values[name] for name in METRIC_DEFINITIONS if name in values}

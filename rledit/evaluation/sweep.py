@@ -1,9 +1,10 @@
 """Collect the results.json of many runs (a Hydra multirun such as the batch-size sweep) into one table and
 one plot: `python -m rledit.evaluation.sweep multirun/2026-12-02/01-00-00 [--out DIR]`.
 
-Runs whose configurations differ only in their seeds are one row: the mean over those edit sequences, with
-the seeds listed and the spread (sample standard deviation) of `cf_mean`, the mean of CounterFact efficacy,
-paraphrase, neighbourhood and agreement with the unedited model by which issue 14 ranks editors."""
+Runs whose configurations differ only in their seeds (or in where they write, their threads and their
+progress saves) are one row: the mean over those edit sequences, with the seeds listed and the spread (sample
+standard deviation) of `cf_mean`, the mean of CounterFact efficacy, paraphrase, neighbourhood and agreement
+with the unedited model by which issue 14 ranks editors."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 
 from rledit.errors import ConfigError
 from rledit.evaluation.plots import MARKERS
-from rledit.evaluation.report import RESULTS_FILE
+from rledit.evaluation.report import RESULTS_FILE, results_options
 
 METRICS = ("efficacy", "generalization", "specificity", "specificity_agreement", "cf_efficacy_score",
            "cf_paraphrase_score", "cf_neighborhood_score", "unedited_cf_neighborhood", "cf_mean",
@@ -36,7 +37,8 @@ def collect(root: Path) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted(root.rglob(RESULTS_FILE)):
         document = json.loads(path.read_text())
-        groups[json.dumps(_without_seeds(document["config"]), sort_keys=True)].append(_run_row(document, path))
+        options = _without_seeds(results_options(document["config"]))
+        groups[json.dumps(options, sort_keys=True)].append(_run_row(document, path))
     if not groups:
         raise ConfigError(f"no {RESULTS_FILE} below {root}")
     rows = [_mean_row(runs) for runs in groups.values()]
